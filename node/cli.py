@@ -1,0 +1,488 @@
+"""``dmm``: the command line. Exit 0 ok, 1 failure, 2 bad usage or config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
+from node.identity import IdentityError, load_or_create_identity
+from node.local import open_store
+from node.progress import progress_reporter
+from storage.cas import BlobMismatchError, StoreBusyError
+from storage.db import DatabaseError
+from storage.fsutil import StoreFullError
+from storage.gguf import GGUFError, details, model_info
+from storage.manifest import ManifestError
+from storage.names import InvalidName
+from storage.store import ModelNotFound, ModelStore, StoreError
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+
+def human_size(n: float) -> str:
+    """Decimal units, as `ollama list` prints them."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def human_age(seconds: float) -> str:
+    """Relative time in the words `ollama list` uses."""
+    seconds = max(seconds, 0)
+    if seconds < 45:
+        return "Less than a minute ago"
+    if seconds < 90:
+        return "About a minute ago"
+    for size, unit in (
+        (86400 * 365, "year"),
+        (86400 * 30, "month"),
+        (86400 * 7, "week"),
+        (86400, "day"),
+        (3600, "hour"),
+        (60, "minute"),
+    ):
+        if seconds >= size:
+            value = int(seconds // size)
+            return f"{value} {unit}{'s' if value != 1 else ''} ago"
+    return "Less than a minute ago"
+
+
+def print_table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("    ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def emit_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False, default=str)
+    sys.stdout.write("\n")
+
+
+def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
+    print(f"dmm: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# --- commands -----------------------------------------------------------------------------
+
+
+def cmd_id(args: argparse.Namespace, config: Config) -> int:
+    ident = load_or_create_identity(config.node.data_dir)
+    if args.json:
+        emit_json({"peer_id": ident.peer_id_str, "name": config.node.name})
+    else:
+        print(ident.peer_id_str)
+    return EXIT_OK
+
+
+def _read_text_file(path: str | None, what: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--{what} {path}: {exc}") from None
+
+
+def _read_params(path: str | None) -> dict[str, Any] | None:
+    text = _read_text_file(path, "params")
+    if text is None:
+        return None
+    try:
+        params = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--params {path}: not valid JSON ({exc})") from None
+    if not isinstance(params, dict):
+        raise UsageError(f'--params {path}: must hold a JSON object such as {{"temperature": 0.7}}')
+    return params
+
+
+def cmd_add(args: argparse.Namespace, config: Config) -> int:
+    template = _read_text_file(args.template, "template")
+    system = _read_text_file(args.system, "system")
+    license_text = _read_text_file(args.license, "license")
+    params = _read_params(args.params)
+    ident = load_or_create_identity(config.node.data_dir)
+    started = time.monotonic()
+    with open_store(config) as store, progress_reporter(not args.json) as reporter:
+        result = store.add_model(
+            args.name,
+            Path(args.file),
+            template=template,
+            system=system,
+            params=params,
+            license_text=license_text,
+            author=ident.peer_id_str,
+            reporter=reporter,
+        )
+    elapsed = time.monotonic() - started
+    if args.json:
+        emit_json(
+            {
+                "name": result.name.display,
+                "digest": result.digest,
+                "size": result.size,
+                "model_blob": result.model_blob,
+                "copied_bytes": result.copied_bytes,
+                "version": result.version_id,
+                "changed": result.changed,
+                "seconds": round(elapsed, 3),
+            }
+        )
+        return EXIT_OK
+    how = "copied into the store" if result.copied_bytes else "already in the store, nothing copied"
+    state = "added" if result.changed else "unchanged"
+    print(
+        f"{state} {result.name.display} ({human_size(result.size)}, {result.digest[7:19]}): "
+        f"model blob {how}, {elapsed:.1f}s"
+    )
+    return EXIT_OK
+
+
+def cmd_import(args: argparse.Namespace, config: Config) -> int:
+    source = Path(args.source).expanduser().absolute() if args.source else None
+    if source is not None and not (source / "manifests").is_dir():
+        raise UsageError(f"--from {source}: not an Ollama models directory (no manifests/ in it)")
+    with open_store(config) as store, progress_reporter(not args.json) as reporter:
+        report = store.import_models(source, reporter)
+    if args.json:
+        emit_json(
+            {
+                "new": report.models_new,
+                "updated": report.models_updated,
+                "unchanged": report.models_unchanged,
+                "blobs_linked": report.blobs_linked,
+                "blobs_copied": report.blobs_copied,
+                "blobs_indexed": report.blobs_indexed,
+                "bytes_indexed": report.bytes_indexed,
+                "errors": report.errors,
+            }
+        )
+    else:
+        for name in report.models_new:
+            print(f"imported {name}")
+        for name in report.models_updated:
+            print(f"updated  {name}")
+        print(
+            f"{len(report.models_new)} new, {len(report.models_updated)} updated, "
+            f"{len(report.models_unchanged)} unchanged; {report.blobs_indexed} blobs indexed "
+            f"({human_size(report.bytes_indexed)}; {report.blobs_linked} hard-linked, "
+            f"{report.blobs_copied} copied)"
+        )
+        for error in report.errors:
+            print(f"error: {error}", file=sys.stderr)
+    return EXIT_FAIL if report.errors else EXIT_OK
+
+
+def cmd_ls(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        models = store.list_models()
+        broken = store.broken_manifests()
+    now = time.time()
+    if args.json:
+        emit_json(
+            {
+                "models": [
+                    {
+                        "name": m.name.display,
+                        "model": m.name.full,
+                        "digest": m.digest,
+                        "size": m.size,
+                        "modified_at": m.modified,
+                    }
+                    for m in models
+                ]
+            }
+        )
+    else:
+        print_table(
+            [
+                (m.name.display, m.digest[7:19], human_size(m.size), human_age(now - m.modified))
+                for m in models
+            ],
+            ("NAME", "ID", "SIZE", "MODIFIED"),
+        )
+    for item in broken:
+        print(f"warning: {item.path}: {item.reason}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _show_data(store: ModelStore, name: str) -> dict[str, Any]:
+    stored = store.get(name)
+    info = store.model_info(stored.name)
+    manifest = stored.manifest
+    chunks = 0
+    for layer in manifest.all_layers():
+        chunks += len(store.db.blob_chunks(layer.digest))
+    data: dict[str, Any] = {
+        "name": stored.name.display,
+        "model": stored.name.full,
+        "digest": stored.digest,
+        "size": manifest.total_size,
+        "modified_at": stored.mtime,
+        "details": details(info) if info else {},
+        "model_info": model_info(info) if info else {},
+        "template": store.text_layer(manifest, "template"),
+        "system": store.text_layer(manifest, "system"),
+        "parameters": store.text_layer(manifest, "params"),
+        "license": store.text_layer(manifest, "license"),
+        "layers": [
+            {"mediaType": layer.media_type, "digest": layer.digest, "size": layer.size}
+            for layer in manifest.all_layers()
+        ],
+        "chunks": chunks,
+        "versions": [
+            {
+                "id": v.id,
+                "manifest": v.manifest_digest,
+                "parents": list(v.parents),
+                "author": v.author,
+                "created_at": v.created_at,
+            }
+            for v in store.db.versions(stored.name.full)
+        ],
+    }
+    return data
+
+
+def cmd_show(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        data = _show_data(store, args.name)
+    if args.json:
+        emit_json(data)
+        return EXIT_OK
+    d, mi = data["details"], data["model_info"]
+    arch = mi.get("general.architecture", d.get("family", ""))
+    print(f"  Model  {data['name']}  ({data['digest'][7:19]}, {human_size(data['size'])})")
+    rows = [
+        ("architecture", arch),
+        ("parameters", d.get("parameter_size", "")),
+        ("context length", mi.get(f"{arch}.context_length", "")),
+        ("embedding length", mi.get(f"{arch}.embedding_length", "")),
+        ("quantization", d.get("quantization_level", "")),
+    ]
+    for key, value in rows:
+        if value not in ("", None):
+            print(f"    {key:<20}{value}")
+    if data["parameters"]:
+        print("\n  Parameters")
+        try:
+            for key, value in json.loads(data["parameters"]).items():
+                print(f"    {key:<20}{value}")
+        except (ValueError, AttributeError):
+            print(f"    {data['parameters']}")
+    for title in ("template", "system", "license"):
+        text = data[title]
+        if text:
+            first = text.strip().splitlines()[0] if text.strip() else ""
+            more = " ..." if len(text.strip().splitlines()) > 1 else ""
+            print(f"\n  {title.capitalize()}\n    {first[:96]}{more}")
+    print("\n  Layers")
+    for layer in data["layers"]:
+        kind = layer["mediaType"].rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+        print(f"    {kind:<12}{layer['digest'][7:19]}  {human_size(layer['size'])}")
+    print(f"\n  {data['chunks']} chunks, {len(data['versions'])} version(s) known")
+    return EXIT_OK
+
+
+def cmd_rm(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store:
+        removed = []
+        for name in args.names:
+            stored = store.remove(name)
+            removed.append(stored.name.display)
+            if not args.json:
+                print(f"deleted '{stored.name.display}' (its blobs stay until `dmm gc`)")
+    if args.json:
+        emit_json({"deleted": removed})
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace, config: Config) -> int:
+    with open_store(config) as store, progress_reporter(not args.json) as reporter:
+        report = store.verify(args.name, reporter)
+    if args.json:
+        emit_json(
+            {
+                "ok": report.ok,
+                "checked": report.checked,
+                "bytes_checked": report.bytes_checked,
+                "bad": [
+                    {
+                        "digest": b.result.digest,
+                        "status": b.result.status,
+                        "detail": b.result.detail,
+                        "models": list(b.models),
+                    }
+                    for b in report.bad
+                ],
+                "broken_manifests": [
+                    {"path": str(m.path), "reason": m.reason} for m in report.broken_manifests
+                ],
+            }
+        )
+    else:
+        for bad in report.bad:
+            breaks = ", ".join(bad.models) if bad.models else "no model"
+            print(
+                f"{bad.result.status}: {bad.result.digest} ({bad.result.detail}); breaks {breaks}"
+            )
+        for m in report.broken_manifests:
+            print(f"broken manifest: {m.path}: {m.reason}")
+        verdict = "all good" if report.ok else f"{len(report.bad)} bad blob(s)"
+        print(f"verified {report.checked} blobs ({human_size(report.bytes_checked)}): {verdict}")
+        if not report.ok:
+            print(
+                "to repair: `dmm rm` the broken models and add or pull them again", file=sys.stderr
+            )
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_gc(args: argparse.Namespace, config: Config) -> int:
+    try:
+        age = parse_duration(args.older_than) if args.older_than else config.storage.cleanup_age
+    except ValueError as exc:
+        raise UsageError(f"--older-than: {exc}") from None
+    with open_store(config) as store:
+        report = store.gc(age, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    if args.json:
+        emit_json(
+            {
+                "dry_run": args.dry_run,
+                "removed": [{"digest": d, "size": s} for d, s in report.removed],
+                "freed": report.freed,
+                "temp_files": [str(p) for p in report.temp_files],
+                "kept_young": report.kept_young,
+            }
+        )
+        return EXIT_OK
+    for digest, size in report.removed:
+        print(f"{verb} {digest} ({human_size(size)})")
+    for path in report.temp_files:
+        print(f"{verb} leftover {path.name}")
+    print(
+        f"{verb} {len(report.removed)} blobs, {human_size(report.freed)}; "
+        f"{report.kept_young} unreferenced blob(s) younger than the age limit kept"
+    )
+    return EXIT_OK
+
+
+# --- parser -------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        help="node configuration (default: $DMM_CONFIG, ./node.toml, ~/.config/dmm/node.toml)",
+    )
+    data = argparse.ArgumentParser(add_help=False)
+    data.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    parser = argparse.ArgumentParser(
+        prog="dmm",
+        description="Peer-to-peer model manager for Ollama: the node's store is an Ollama "
+        "models directory; models move between nodes in verified chunks.",
+        parents=[common],
+        epilog="Exit status: 0 ok, 1 failure, 2 bad usage or configuration.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace, Config], int], help_: str, json_: bool = True
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(
+            name, help=help_, description=help_, parents=[common, data] if json_ else [common]
+        )
+        p.set_defaults(func=func)
+        return p
+
+    add("id", cmd_id, "print this node's peer id (created on first use, stable after)")
+
+    p = add("add", cmd_add, "add a GGUF file to the store as an Ollama model")
+    p.add_argument("name", metavar="NAME[:TAG]", help="model name, e.g. mymodel:q4 or ns/model")
+    p.add_argument("file", metavar="FILE", help="the GGUF weights file")
+    p.add_argument("--template", metavar="FILE", help="prompt template layer (Go template text)")
+    p.add_argument("--system", metavar="FILE", help="system prompt layer")
+    p.add_argument("--params", metavar="FILE", help="parameters layer: a JSON object of options")
+    p.add_argument("--license", metavar="FILE", help="license layer")
+
+    p = add("import", cmd_import, "index an existing Ollama store (this node's, or --from DIR)")
+    p.add_argument(
+        "--from",
+        dest="source",
+        metavar="DIR",
+        help="another Ollama models directory: blobs are hard-linked when on the "
+        "same filesystem, copied otherwise",
+    )
+
+    add("ls", cmd_ls, "list the models in the store")
+
+    p = add("show", cmd_show, "show a model's details, layers and versions")
+    p.add_argument("name", metavar="NAME[:TAG]")
+
+    p = add("rm", cmd_rm, "delete models (their blobs are kept until gc)")
+    p.add_argument("names", metavar="NAME[:TAG]", nargs="+")
+
+    p = add("verify", cmd_verify, "re-hash blobs; name each corrupt one and the models it breaks")
+    p.add_argument("name", metavar="NAME[:TAG]", nargs="?", help="only this model's blobs")
+
+    p = add("gc", cmd_gc, "delete blobs no model references, older than [storage] cleanup_age")
+    p.add_argument("--dry-run", action="store_true", help="list what would be removed")
+    p.add_argument(
+        "--older-than",
+        metavar="DURATION",
+        help="override cleanup_age, e.g. 0s to remove every unreferenced blob",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(resolve_config_path(args.config))
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+    try:
+        return int(args.func(args, config))
+    except (UsageError, InvalidName) as exc:
+        fail(str(exc), EXIT_USAGE)
+    except ModelNotFound as exc:
+        fail(str(exc))
+    except (
+        StoreError,
+        BlobMismatchError,
+        ManifestError,
+        GGUFError,
+        StoreBusyError,
+        DatabaseError,
+        IdentityError,
+        StoreFullError,
+    ) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"{exc.filename or ''}: {exc.strerror or exc}".lstrip(": "))
+    except KeyboardInterrupt:
+        fail("interrupted; nothing was left half-written", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,669 @@
+"""The libp2p host dmm runs on, and the one place that works around py-libp2p 0.8.1.
+
+`open_host` starts a TCP host that speaks Noise and Yamux only and yields a `P2PHost`.
+Streams reach dmm code as `Stream`, a trio `HalfCloseableStream`: EOF is `b""`, peer and
+network failures are `trio.BrokenResourceError` (library error in ``__cause__``), use after
+our own close is `trio.ClosedResourceError`, and small writes are coalesced.
+
+Library defects handled here, each pinned by a test in ``tests/test_p2p.py``:
+
+1. ``new_host`` offers and accepts ``/plaintext/2.0.0`` (plus TLS and secio) by default:
+   we build the upgrader with Noise as the only security transport.
+2. ``Swarm.dial_peer`` races a second address after 250 ms unless it already holds
+   ``max_connections_per_peer`` connections, so every dial waits 250 ms at the default of
+   3: ``ConnectionConfig(max_connections_per_peer=1)``.
+3. ``Swarm._handle_inbound_connection`` takes a slot of ``_inbound_limiter`` (capacity
+   ``max_connections - min_connections`` = 250) and its inner handler then waits for the
+   *swarm* to finish, not the connection, so the slot is only returned at shutdown and
+   the 251st inbound connection ever is refused: `_Swarm` returns it when the connection
+   closes.
+4. ``YamuxStream.write`` gives up with ``MuxedStreamError`` ("Timed out waiting for
+   window update after 5 seconds") when the send window stays empty for 5 s, which
+   ``NetStream`` turns into a stream reset: any reader that pauses 5 s kills the stream.
+   `_YamuxStream.write` waits for the window as long as it takes (trio style: the caller
+   sets deadlines) and is woken by the window update instead of polling every 10 ms.
+5. ``NetStream.read`` raises ``StreamEOF`` at end of stream: `Stream.receive_some`
+   returns ``b""``.
+6. Each write becomes at least one Yamux frame and one Noise message, so small writes are
+   slow: `Stream.send_all` buffers writes smaller than `COALESCE_BYTES`.
+7. A Yamux frame of 65,536 bytes is one byte more than a Noise message carries (65,519
+   plaintext bytes), so every full frame costs two Noise messages: our frames are at most
+   `YAMUX_FRAME_BYTES` = 65,519 bytes, header included.
+8. ``Swarm.dial_peer`` remembers a peer whose addresses all failed for 60 s and refuses to
+   dial it again: an explicit `P2PHost.connect` forgets that first.
+9. py-libp2p logs ordinary churn at WARNING/ERROR into a logger with ``propagate=False``:
+   `configure_libp2p_logging` routes it into ``dmm.p2p`` at sensible levels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+from libp2p.abc import IMuxedConn, INetStream, IRawConnection, ISecureConn
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.host.basic_host import BasicHost
+from libp2p.io.abc import ReadWriteCloser
+from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.swarm import Swarm
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStore
+from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
+from libp2p.rcmgr import new_resource_manager
+from libp2p.security.exceptions import HandshakeFailure
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
+from libp2p.stream_muxer.yamux.yamux import (
+    HEADER_SIZE,
+    TYPE_DATA,
+    YAMUX_HEADER_FORMAT,
+    Yamux,
+    YamuxStream,
+)
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.transport.tcp.tcp import TCP
+from libp2p.transport.upgrader import TransportUpgrader
+from multiaddr import Multiaddr
+
+__all__ = [
+    "COALESCE_BYTES",
+    "CONNECTION_CONFIG",
+    "NOISE_PROTOCOL_ID",
+    "YAMUX_FRAME_BYTES",
+    "YAMUX_PROTOCOL_ID",
+    "DialError",
+    "P2PError",
+    "P2PHost",
+    "Stream",
+    "StreamHandler",
+    "StreamRefused",
+    "configure_libp2p_logging",
+    "open_host",
+]
+
+log = logging.getLogger("dmm.p2p")
+
+# Defect 2: one connection per peer, so a dial returns as soon as it has one.
+CONNECTION_CONFIG = ConnectionConfig(max_connections_per_peer=1)
+
+# Defect 7: the largest Noise plaintext, so a full Yamux frame is one Noise message.
+YAMUX_FRAME_BYTES = 65_519
+_FRAME_PAYLOAD = YAMUX_FRAME_BYTES - HEADER_SIZE
+
+# Defect 6: `Stream.send_all` holds writes until this many bytes are pending.
+COALESCE_BYTES = 256 * 1024
+
+# `Stream.receive_some()` without a size reads up to this much.
+DEFAULT_RECEIVE_BYTES = 1024 * 1024
+
+# `open_host` gives its connections this long to close before the host is torn down.
+_CLOSE_GRACE_SECONDS = 1.5
+
+
+class P2PError(Exception):
+    """A libp2p operation failed; the library's exception is in ``__cause__``."""
+
+
+class DialError(P2PError):
+    """The peer could not be reached, or refused the connection."""
+
+
+class StreamRefused(P2PError):
+    """The peer did not accept a stream for the protocol (unknown protocol or refused)."""
+
+
+def _parse_peer_id(peer_id: str) -> ID:
+    try:
+        return ID.from_base58(peer_id)
+    except ValueError as exc:
+        raise ValueError(f"not a peer id: {peer_id!r}") from exc
+
+
+# --- Yamux (defects 4 and 7) ----------------------------------------------------------
+
+
+class _YamuxStream(YamuxStream):
+    """A `YamuxStream` whose writer waits for the send window without a deadline.
+
+    py-libp2p constructs ``YamuxStream`` by name, so `_Yamux` swaps this class onto each
+    stream as it is handed out. ``send_window`` and ``closed`` become properties over the
+    same instance attributes so that every change wakes a writer waiting for window.
+    """
+
+    @property  # type: ignore[override]
+    def send_window(self) -> int:
+        value: int = self.__dict__["send_window"]
+        return value
+
+    @send_window.setter
+    def send_window(self, value: int) -> None:
+        self.__dict__["send_window"] = value
+        self._wake_writer()
+
+    @property  # type: ignore[override]
+    def closed(self) -> bool:
+        value: bool = self.__dict__["closed"]
+        return value
+
+    @closed.setter
+    def closed(self, value: bool) -> None:
+        self.__dict__["closed"] = value
+        self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        event: trio.Event | None = self.__dict__.pop("_dmm_window_changed", None)
+        if event is not None:
+            event.set()
+
+    async def _wait_window_changed(self) -> None:
+        event: trio.Event | None = self.__dict__.get("_dmm_window_changed")
+        if event is None:
+            event = self.__dict__["_dmm_window_changed"] = trio.Event()
+        await event.wait()
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        sent = 0
+        while True:
+            if self.send_closed:
+                raise MuxedStreamError("Stream is closed for sending")
+            if self.closed:
+                raise MuxedStreamError("Stream is closed")
+            if sent >= total:
+                return
+            window = self.send_window
+            if window <= 0:
+                # Defect 4: the library raises after 5 s here; a slow reader is not an error.
+                await self._wait_window_changed()
+                continue
+            size = min(window, _FRAME_PAYLOAD, total - sent)
+            self.send_window = window - size
+            header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
+            frame = header + view[sent : sent + size]
+            # Straight to the secured connection: `Yamux._write_frame` formats a debug
+            # line for every frame, whatever the log level.
+            async with self.conn._write_lock:
+                await self.conn.secured_conn.write(frame)
+            sent += size
+
+
+class _Yamux(Yamux):
+    """Yamux whose streams are `_YamuxStream`."""
+
+    async def open_stream(self) -> YamuxStream:
+        stream = await super().open_stream()
+        stream.__class__ = _YamuxStream
+        return stream
+
+    async def accept_stream(self) -> YamuxStream:
+        stream = await super().accept_stream()
+        stream.__class__ = _YamuxStream
+        return stream  # type: ignore[return-value]
+
+
+class _MuxerMultistream(MuxerMultistream):
+    """Builds the negotiated muxer from our options (the library hard-codes ``Yamux``)."""
+
+    async def new_conn(self, conn: ISecureConn, peer_id: ID) -> IMuxedConn:
+        protocol, muxer_class = await self._selector.select(
+            conn, conn.is_initiator, self.negotiate_timeout
+        )
+        muxed_conn = muxer_class(conn, peer_id)
+        return self._annotate_connection(muxed_conn, conn, protocol)
+
+
+class _Upgrader(TransportUpgrader):
+    def __init__(self, security: TSecurityOptions, muxers: TMuxerOptions) -> None:
+        super().__init__(security, muxers)
+        self.muxer_multistream = _MuxerMultistream(muxers, DEFAULT_NEGOTIATE_TIMEOUT)
+
+
+# --- security and swarm (defects 1, 3, 8, allowlist) -------------------------------------
+
+
+class _Noise(NoiseTransport):
+    """Noise that refuses inbound connections from peers outside the allowlist."""
+
+    def __init__(self, key_pair: KeyPair, allowlist: frozenset[str] | None) -> None:
+        super().__init__(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        self._allowlist = allowlist
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        secure_conn = await super().secure_inbound(conn)
+        if self._allowlist is not None:
+            peer = str(secure_conn.get_remote_peer())
+            if peer not in self._allowlist:
+                await secure_conn.close()
+                raise HandshakeFailure(f"peer {peer} is not in the allowlist")
+        return secure_conn
+
+
+class _Swarm(Swarm):
+    """The library's swarm with its inbound slot returned when a connection closes."""
+
+    def __init__(
+        self,
+        peer_id: ID,
+        peerstore: PeerStore,
+        upgrader: TransportUpgrader,
+        *,
+        allowlist: frozenset[str] | None,
+    ) -> None:
+        super().__init__(
+            peer_id, peerstore, upgrader, transports=[TCP()], connection_config=CONNECTION_CONFIG
+        )
+        self._allowlist = allowlist
+
+    async def _do_handle_inbound_connection(
+        self, read_write_closer: ReadWriteCloser, maddr: Multiaddr, failure_event: Any
+    ) -> None:
+        # Our caller holds a slot of `_inbound_limiter` until we return. The library
+        # returns when the swarm stops (defect 3); we return when the connection closes.
+        remote = self._build_remote_multiaddr(read_write_closer)
+        if remote is not None and not await self.connection_gate.is_allowed(remote):
+            await read_write_closer.close()
+            return
+        raw_conn = RawConnection(read_write_closer, False)
+        try:
+            muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
+        except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+            log.debug("inbound connection on %s failed: %r", maddr, exc)
+            await raw_conn.close()
+            return
+        await muxed_conn.event_closed.wait()
+
+    def set_stream_handler(self, stream_handler: Callable[[INetStream], Awaitable[None]]) -> None:
+        allowlist = self._allowlist
+        if allowlist is None:
+            super().set_stream_handler(stream_handler)
+            return
+
+        async def gated(net_stream: INetStream) -> None:
+            peer = str(net_stream.muxed_conn.peer_id)
+            if peer not in allowlist:
+                log.debug("refused a stream from %s: not in the allowlist", peer)
+                await net_stream.reset()
+                return
+            await stream_handler(net_stream)
+
+        super().set_stream_handler(gated)
+
+    def forget_dial_failure(self, peer_id: ID) -> None:
+        """Let the next dial to `peer_id` try again at once (defect 8)."""
+        self._negative_peer_cache.evict(str(peer_id))
+
+
+def _build_host(key_pair: KeyPair, allowlist: frozenset[str] | None) -> BasicHost:
+    peer_id = ID.from_pubkey(key_pair.public_key)
+    peerstore = PeerStore()
+    peerstore.add_key_pair(peer_id, key_pair)
+    # Defect 1: Noise is the only security transport offered or accepted.
+    security: TSecurityOptions = {NOISE_PROTOCOL_ID: _Noise(key_pair, allowlist)}
+    muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): _Yamux}
+    swarm = _Swarm(peer_id, peerstore, _Upgrader(security, muxers), allowlist=allowlist)
+    return BasicHost(network=swarm, resource_manager=new_resource_manager())
+
+
+# --- streams (defects 5 and 6) --------------------------------------------------------
+
+
+class Stream(trio.abc.HalfCloseableStream):
+    """A libp2p stream with trio stream semantics.
+
+    - `receive_some` returns ``b""`` at end of stream.
+    - `send_all` may hold data smaller than `COALESCE_BYTES` in a buffer. The buffer is
+      written out by `flush`, `receive_some`, `send_eof` and `aclose`; call `flush` when the
+      peer must see the data now without waiting for a reply.
+    - A failure of the peer or the network raises `trio.BrokenResourceError` with the
+      library's exception in ``__cause__``; use after `aclose` or `reset` raises
+      `trio.ClosedResourceError`; overlapping calls of the same direction raise
+      `trio.BusyResourceError`.
+    """
+
+    def __init__(self, net_stream: INetStream) -> None:
+        self._net_stream = net_stream
+        self.peer_id = str(net_stream.muxed_conn.peer_id)
+        self.protocol = str(net_stream.get_protocol() or "")
+        self._buffer = bytearray()
+        self._write_lock = trio.Lock()
+        self._sending = False
+        self._receiving = False
+        self._eof_sent = False
+        self._closed = False
+
+    @property
+    def net_stream(self) -> INetStream:
+        """The py-libp2p stream underneath, for library code that needs it."""
+        return self._net_stream
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("stream was closed")
+
+    def _broken(self, exc: BaseException) -> trio.BrokenResourceError | trio.ClosedResourceError:
+        if self._closed:
+            return trio.ClosedResourceError("stream was closed")
+        return trio.BrokenResourceError(f"stream to {self.peer_id} failed: {exc!r}")
+
+    async def _write(self, data: bytes | bytearray) -> None:
+        try:
+            await self._net_stream.write(data)  # type: ignore[arg-type]
+        except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+            raise self._broken(exc) from exc
+
+    async def _flush_locked(self) -> None:
+        if self._buffer:
+            data, self._buffer = self._buffer, bytearray()
+            await self._write(data)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self._sending:
+            raise trio.BusyResourceError("another task is sending on this stream")
+        self._sending = True
+        try:
+            self._check_open()
+            if self._eof_sent:
+                raise trio.ClosedResourceError("send_eof() was called")
+            async with self._write_lock:
+                self._check_open()
+                if not self._buffer and len(data) >= COALESCE_BYTES:
+                    await self._write(bytes(data) if isinstance(data, memoryview) else data)
+                    return
+                self._buffer += data
+                if len(self._buffer) >= COALESCE_BYTES:
+                    await self._flush_locked()
+                else:
+                    await trio.lowlevel.checkpoint()
+        finally:
+            self._sending = False
+
+    async def flush(self) -> None:
+        """Write out whatever `send_all` is holding."""
+        self._check_open()
+        async with self._write_lock:
+            self._check_open()
+            await self._flush_locked()
+
+    async def wait_send_all_might_not_block(self) -> None:
+        self._check_open()
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        if max_bytes is None:
+            max_bytes = DEFAULT_RECEIVE_BYTES
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        self._receiving = True
+        try:
+            self._check_open()
+            if self._buffer and not self._eof_sent:
+                await self.flush()
+            try:
+                data = await self._net_stream.read(max_bytes)
+            except StreamEOF:
+                return b""  # Defect 5: the library raises at end of stream.
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                raise self._broken(exc) from exc
+            self._check_open()
+            return data
+        finally:
+            self._receiving = False
+
+    async def send_eof(self) -> None:
+        """Flush, then half-close: the peer reads ``b""``; we can still receive."""
+        self._check_open()
+        if self._eof_sent:
+            await trio.lowlevel.checkpoint()
+            return
+        async with self._write_lock:
+            self._check_open()
+            await self._flush_locked()
+            self._eof_sent = True
+            try:
+                await self._net_stream.close_write()
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                raise self._broken(exc) from exc
+
+    async def aclose(self) -> None:
+        """Flush and close both directions. If data cannot be flushed, reset and raise."""
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._sending:
+            # A send is blocked (on a full window): it cannot finish, so abort it.
+            await self.reset()
+            return
+        try:
+            async with self._write_lock:
+                await self._flush_locked()
+        except BaseException:
+            await self.reset()
+            raise
+        self._closed = True
+        try:
+            await self._net_stream.close()
+        except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+            # Nothing was pending, so nothing is lost: the connection is already gone.
+            log.debug("closing a stream to %s: %r", self.peer_id, exc)
+
+    async def reset(self) -> None:
+        """Abort the stream in both directions, dropping unsent data."""
+        self._closed = True
+        self._buffer = bytearray()
+        with trio.CancelScope(shield=True):
+            try:
+                await self._net_stream.reset()
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                log.debug("resetting a stream to %s: %r", self.peer_id, exc)
+
+
+StreamHandler = Callable[[Stream], Awaitable[None]]
+
+
+# --- the host -------------------------------------------------------------------------
+
+
+class P2PHost:
+    """A running libp2p host. `host` is the py-libp2p host for the DHT and pubsub."""
+
+    def __init__(self, host: BasicHost) -> None:
+        self.host = host
+        self._swarm: _Swarm = host.get_network()  # type: ignore[assignment]
+
+    @property
+    def peer_id(self) -> str:
+        return str(self.host.get_id())
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs of our listeners, with the bound ports and ``/p2p/<id>``."""
+        suffix = f"/p2p/{self.peer_id}"
+        return [f"{addr}{suffix}" for addr in self.host.get_transport_addrs()]
+
+    async def connect(self, multiaddr: str) -> str:
+        """Connect to the peer at a ``.../p2p/<id>`` multiaddr; return its peer id."""
+        try:
+            info = info_from_p2p_addr(Multiaddr(multiaddr))
+        except (ValueError, BaseLibp2pError) as exc:
+            raise ValueError(f"not a /p2p/ multiaddr: {multiaddr!r}") from exc
+        self._swarm.forget_dial_failure(info.peer_id)
+        try:
+            await self.host.connect(info)
+        except (BaseLibp2pError, OSError) as exc:
+            raise DialError(f"could not connect to {multiaddr}: {exc}") from exc
+        return str(info.peer_id)
+
+    async def disconnect(self, peer_id: str) -> None:
+        await self.host.disconnect(_parse_peer_id(peer_id))
+
+    def connected_peers(self) -> list[str]:
+        return [str(peer) for peer, conns in self._swarm.connections.items() if conns]
+
+    def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
+        """Run `handler` for each inbound stream of `protocol_id`.
+
+        The stream is closed when the handler returns and reset when it raises. A handler
+        that fails with `trio.BrokenResourceError` (the peer went away) is logged at DEBUG,
+        any other exception at ERROR; neither reaches the connection.
+        """
+
+        async def run(net_stream: INetStream) -> None:
+            stream = Stream(net_stream)
+            try:
+                await handler(stream)
+            except trio.BrokenResourceError as exc:
+                log.debug("%s stream from %s broke: %s", protocol_id, stream.peer_id, exc)
+                await stream.reset()
+                return
+            except Exception:
+                log.exception("%s handler failed for %s", protocol_id, stream.peer_id)
+                await stream.reset()
+                return
+            try:
+                await stream.aclose()
+            except trio.BrokenResourceError as exc:
+                log.debug("%s stream from %s broke on close: %s", protocol_id, stream.peer_id, exc)
+
+        self.host.set_stream_handler(TProtocol(protocol_id), run)
+
+    async def open_stream(self, peer_id: str, protocol_id: str) -> Stream:
+        """Open a stream, dialing the peer from the peerstore if not connected."""
+        peer = _parse_peer_id(peer_id)
+        if not self._swarm.get_connections(peer):
+            self._swarm.forget_dial_failure(peer)
+            try:
+                await self.host.connect(self.host.get_peerstore().peer_info(peer))
+            except (BaseLibp2pError, OSError) as exc:
+                raise DialError(f"could not connect to {peer_id}: {exc}") from exc
+        try:
+            net_stream = await self.host.new_stream(peer, [TProtocol(protocol_id)])
+        except (BaseLibp2pError, OSError) as exc:
+            raise StreamRefused(f"{peer_id} refused a {protocol_id} stream: {exc}") from exc
+        return Stream(net_stream)
+
+    async def _close_connections(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for peer in list(self._swarm.connections):
+                nursery.start_soon(self.host.disconnect, peer)
+
+
+@asynccontextmanager
+async def open_host(
+    key_pair: KeyPair,
+    listen_addrs: Iterable[str],
+    *,
+    allowlist: frozenset[str] | None = None,
+) -> AsyncIterator[P2PHost]:
+    """Run a Noise + Yamux TCP host listening on `listen_addrs` (port 0 picks a port).
+
+    With an `allowlist` of peer ids, inbound connections and streams from other peers are
+    refused before any handler runs. Raises `OSError` if an address cannot be listened on.
+    On exit, connections get `_CLOSE_GRACE_SECONDS` to close, then everything is torn down.
+    """
+    configure_libp2p_logging()
+    addrs = [Multiaddr(addr) for addr in listen_addrs]
+    host = _build_host(key_pair, allowlist)
+    async with host.run(addrs):
+        swarm = host.get_network()
+        failed = [str(addr) for addr in addrs if str(addr) not in swarm.listeners]
+        if failed:
+            raise OSError(f"could not listen on {', '.join(failed)}")
+        p2p_host = P2PHost(host)
+        try:
+            yield p2p_host
+        finally:
+            with trio.move_on_after(_CLOSE_GRACE_SECONDS) as scope:
+                scope.shield = True
+                await p2p_host._close_connections()
+
+
+# --- logging (defect 9) ---------------------------------------------------------------
+
+# WARNING/ERROR messages py-libp2p emits for connections and streams ending normally.
+_ORDINARY = re.compile(
+    "|".join(
+        [
+            r"Failed to open stream to peer",
+            r"MultiselectClient handshake",
+            r"Error in handle_incoming for peer .*(ClosedResource|BrokenResource|RawConn"
+            r"|IncompleteRead|ConnectionClosed)",
+            r"Yamux connection closed",
+            r"RawConnError during connection handling",
+            r"Incomplete read",
+            r"\[ADDCONN_FAIL\]",
+            r"fail to upgrade mux for peer",
+            r"failed to upgrade security",
+            r"Error closing secured_conn",
+            r"Error sending (FIN|RST)",
+            r"Window update failed",
+            r"Unexpected error during window update",
+            r"Error closing connection to",
+            r"Identify .*(failed|error)",
+            r"Stream entered",
+        ]
+    )
+)
+
+
+def _libp2p_level(record: logging.LogRecord) -> int:
+    if record.levelno < logging.WARNING:
+        return logging.DEBUG
+    if _ORDINARY.search(record.getMessage()):
+        return logging.DEBUG
+    return record.levelno
+
+
+class _ToDmmLog(logging.Handler):
+    """Re-emits py-libp2p records on ``dmm.p2p`` at the level `_libp2p_level` gives."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = _libp2p_level(record)
+        if not log.isEnabledFor(level):
+            return
+        forwarded = log.makeRecord(
+            log.name,
+            level,
+            record.pathname,
+            record.lineno,
+            "%s: %s",
+            (record.name, record.getMessage()),
+            record.exc_info if level >= logging.WARNING else None,
+            record.funcName,
+        )
+        log.handle(forwarded)
+
+
+def configure_libp2p_logging() -> None:
+    """Send py-libp2p's log records to ``dmm.p2p`` (idempotent; `open_host` calls it).
+
+    INFO and below become DEBUG, as do WARNING/ERROR records about connections and streams
+    ending normally; other WARNING/ERROR records keep their level. The library logger is
+    set to DEBUG only while ``dmm.p2p`` logs DEBUG, because each enabled library debug
+    call costs a record. Left alone when ``LIBP2P_DEBUG`` is set: the library's own
+    logging was asked for.
+    """
+    if os.environ.get("LIBP2P_DEBUG"):
+        return
+    libp2p_log = logging.getLogger("libp2p")
+    for handler in list(libp2p_log.handlers):
+        libp2p_log.removeHandler(handler)
+    libp2p_log.addHandler(_ToDmmLog())
+    libp2p_log.propagate = False
+    libp2p_log.setLevel(logging.DEBUG if log.isEnabledFor(logging.DEBUG) else logging.WARNING)

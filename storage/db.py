@@ -1,0 +1,311 @@
+"""The metadata database: blobs, their chunk index, models and versions, in one SQLite file.
+
+WAL mode, so the CLI and a running node may share it. The schema version lives in
+``PRAGMA user_version``; MIGRATIONS[i] takes a database from version i to i + 1, in
+one transaction. A database newer than this code is refused, never downgraded.
+Writes happen when a blob is indexed or a model changes, never per chunk on the
+transfer path.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from storage.chunks import BlobIndex, ChunkRef
+
+MIGRATIONS: tuple[str, ...] = (
+    # 0 -> 1
+    """
+    CREATE TABLE blobs (
+        digest      TEXT PRIMARY KEY,          -- sha256:<hex>
+        size        INTEGER NOT NULL,
+        mtime_ns    INTEGER NOT NULL,          -- of the file when indexed
+        indexed_at  REAL NOT NULL,
+        verified_at REAL,                      -- last full re-hash that matched
+        location    TEXT NOT NULL DEFAULT 'file' CHECK (location IN ('file', 'pack'))
+    );
+    CREATE TABLE chunks (
+        blob     TEXT NOT NULL REFERENCES blobs(digest) ON DELETE CASCADE,
+        idx      INTEGER NOT NULL,
+        offset   INTEGER NOT NULL,
+        length   INTEGER NOT NULL,
+        chunk_id BLOB NOT NULL,                -- raw sha256 of the chunk
+        PRIMARY KEY (blob, idx)
+    ) WITHOUT ROWID;
+    CREATE INDEX chunks_by_id ON chunks(chunk_id);
+    CREATE TABLE models (
+        name            TEXT PRIMARY KEY,      -- host/namespace/model:tag
+        manifest_digest TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        updated_at      REAL NOT NULL,
+        pinned          INTEGER NOT NULL DEFAULT 1  -- 1: a user added or pulled it here
+    );
+    CREATE TABLE versions (
+        id              TEXT PRIMARY KEY,
+        name            TEXT NOT NULL,
+        manifest_digest TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        parents         TEXT NOT NULL,         -- JSON list of version ids
+        author          TEXT NOT NULL DEFAULT '',
+        created_at      REAL NOT NULL
+    );
+    CREATE INDEX versions_by_name ON versions(name, created_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class DatabaseError(RuntimeError):
+    """The metadata database cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRow:
+    digest: str
+    size: int
+    mtime_ns: int
+    indexed_at: float
+    verified_at: float | None
+    location: str
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRow:
+    name: str
+    manifest_digest: str
+    size: int
+    updated_at: float
+    pinned: bool
+
+
+@dataclass(frozen=True, slots=True)
+class VersionRow:
+    id: str
+    name: str
+    manifest_digest: str
+    size: int
+    parents: tuple[str, ...]
+    author: str
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkLocation:
+    blob: str
+    offset: int
+    length: int
+
+
+class MetadataDB:
+    """Thread-safe access to the database; every method is one short transaction."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn = sqlite3.connect(
+                path, check_same_thread=False, isolation_level=None, timeout=30
+            )
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(f"{path}: cannot open the metadata database: {exc}") from None
+        self._lock = threading.Lock()
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> MetadataDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def _query(self, sql: str, args: Iterable[object] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(args)).fetchall()
+
+    @property
+    def schema_version(self) -> int:
+        return int(self._query("PRAGMA user_version")[0][0])
+
+    def _migrate(self) -> None:
+        try:
+            with self._tx() as conn:
+                current = int(conn.execute("PRAGMA user_version").fetchone()[0])
+                if current > SCHEMA_VERSION:
+                    raise DatabaseError(
+                        f"{self.path}: schema version {current} is newer than this dmm supports "
+                        f"({SCHEMA_VERSION}); upgrade dmm"
+                    )
+                for version in range(current, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[version].split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {version + 1}")
+        except sqlite3.DatabaseError as exc:
+            raise DatabaseError(
+                f"{self.path}: cannot migrate the metadata database: {exc}"
+            ) from None
+
+    # --- blobs and chunks -------------------------------------------------------------
+
+    def put_blob_index(self, index: BlobIndex, mtime_ns: int, location: str = "file") -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM chunks WHERE blob = ?", (index.digest,))
+            conn.execute(
+                "INSERT OR REPLACE INTO blobs (digest, size, mtime_ns, indexed_at, verified_at,"
+                " location) VALUES (?, ?, ?, ?, ?, ?)",
+                (index.digest, index.size, mtime_ns, time.time(), time.time(), location),
+            )
+            conn.executemany(
+                "INSERT INTO chunks (blob, idx, offset, length, chunk_id) VALUES (?, ?, ?, ?, ?)",
+                (
+                    (index.digest, i, c.offset, c.length, c.digest)
+                    for i, c in enumerate(index.chunks)
+                ),
+            )
+
+    def get_blob(self, digest: str) -> BlobRow | None:
+        rows = self._query(
+            "SELECT digest, size, mtime_ns, indexed_at, verified_at, location FROM blobs"
+            " WHERE digest = ?",
+            (digest,),
+        )
+        return BlobRow(*rows[0]) if rows else None
+
+    def all_blobs(self) -> list[BlobRow]:
+        rows = self._query(
+            "SELECT digest, size, mtime_ns, indexed_at, verified_at, location FROM blobs"
+            " ORDER BY digest"
+        )
+        return [BlobRow(*row) for row in rows]
+
+    def blob_chunks(self, digest: str) -> list[ChunkRef]:
+        rows = self._query(
+            "SELECT offset, length, chunk_id FROM chunks WHERE blob = ? ORDER BY idx", (digest,)
+        )
+        return [ChunkRef(*row) for row in rows]
+
+    def find_chunk(self, chunk_id: bytes) -> list[ChunkLocation]:
+        rows = self._query(
+            "SELECT blob, offset, length FROM chunks WHERE chunk_id = ?", (chunk_id,)
+        )
+        return [ChunkLocation(*row) for row in rows]
+
+    def mark_verified(self, digest: str, mtime_ns: int) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "UPDATE blobs SET verified_at = ?, mtime_ns = ? WHERE digest = ?",
+                (time.time(), mtime_ns, digest),
+            )
+
+    def set_location(self, digest: str, location: str) -> None:
+        with self._tx() as conn:
+            conn.execute("UPDATE blobs SET location = ? WHERE digest = ?", (location, digest))
+
+    def delete_blob(self, digest: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM blobs WHERE digest = ?", (digest,))
+
+    def chunk_stats(self) -> tuple[int, int, int, int]:
+        """(chunk references, distinct chunks, bytes referenced, distinct bytes)."""
+        row = self._query("SELECT COUNT(*), COALESCE(SUM(length), 0) FROM chunks")[0]
+        distinct = self._query(
+            "SELECT COUNT(*), COALESCE(SUM(length), 0) FROM"
+            " (SELECT chunk_id, MAX(length) AS length FROM chunks GROUP BY chunk_id)"
+        )[0]
+        return int(row[0]), int(distinct[0]), int(row[1]), int(distinct[1])
+
+    # --- models and versions ----------------------------------------------------------
+
+    def upsert_model(self, name: str, manifest_digest: str, size: int, pinned: bool = True) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO models (name, manifest_digest, size, updated_at, pinned)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET"
+                " manifest_digest = excluded.manifest_digest, size = excluded.size,"
+                " updated_at = excluded.updated_at,"
+                " pinned = MAX(models.pinned, excluded.pinned)",
+                (name, manifest_digest, size, time.time(), int(pinned)),
+            )
+
+    def get_model(self, name: str) -> ModelRow | None:
+        rows = self._query(
+            "SELECT name, manifest_digest, size, updated_at, pinned FROM models WHERE name = ?",
+            (name,),
+        )
+        return _model_row(rows[0]) if rows else None
+
+    def all_models(self) -> list[ModelRow]:
+        rows = self._query(
+            "SELECT name, manifest_digest, size, updated_at, pinned FROM models ORDER BY name"
+        )
+        return [_model_row(row) for row in rows]
+
+    def delete_model(self, name: str) -> None:
+        with self._tx() as conn:
+            conn.execute("DELETE FROM models WHERE name = ?", (name,))
+
+    def add_version(self, version: VersionRow) -> bool:
+        """Record a version; False when that id is already known."""
+        with self._tx() as conn:
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO versions (id, name, manifest_digest, size, parents, author,"
+                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    version.id,
+                    version.name,
+                    version.manifest_digest,
+                    version.size,
+                    json.dumps(list(version.parents)),
+                    version.author,
+                    version.created_at,
+                ),
+            )
+            return cur.rowcount == 1
+
+    def versions(self, name: str) -> list[VersionRow]:
+        rows = self._query(
+            "SELECT id, name, manifest_digest, size, parents, author, created_at FROM versions"
+            " WHERE name = ? ORDER BY created_at, id",
+            (name,),
+        )
+        return [
+            VersionRow(
+                str(r[0]),
+                str(r[1]),
+                str(r[2]),
+                int(r[3]),
+                tuple(json.loads(str(r[4]))),
+                str(r[5]),
+                float(r[6]),
+            )
+            for r in rows
+        ]
+
+
+def _model_row(row: Any) -> ModelRow:
+    return ModelRow(str(row[0]), str(row[1]), int(row[2]), float(row[3]), bool(row[4]))
