@@ -8,10 +8,9 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
-from node.identity import IdentityError, load_or_create_identity
 from node.local import open_store
 from node.progress import progress_reporter
 from storage.cas import BlobMismatchError, StoreBusyError
@@ -22,11 +21,28 @@ from storage.manifest import ManifestError
 from storage.names import InvalidName
 from storage.store import ModelNotFound, ModelStore, StoreError
 
+if TYPE_CHECKING:
+    from node.identity import Identity
+
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
     """Bad arguments: exit code 2."""
+
+
+class CommandError(Exception):
+    """The command failed for a reason its message states: exit code 1."""
+
+
+def _identity(config: Config) -> Identity:
+    # Imported here: libp2p takes over a second to import, and most commands never need it.
+    from node.identity import IdentityError, load_or_create_identity
+
+    try:
+        return load_or_create_identity(config.node.data_dir)
+    except IdentityError as exc:
+        raise CommandError(str(exc)) from None
 
 
 # --- formatting ---------------------------------------------------------------------------
@@ -82,7 +98,7 @@ def fail(message: str, code: int = EXIT_FAIL) -> NoReturn:
 
 
 def cmd_id(args: argparse.Namespace, config: Config) -> int:
-    ident = load_or_create_identity(config.node.data_dir)
+    ident = _identity(config)
     if args.json:
         emit_json({"peer_id": ident.peer_id_str, "name": config.node.name})
     else:
@@ -117,7 +133,7 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
     system = _read_text_file(args.system, "system")
     license_text = _read_text_file(args.license, "license")
     params = _read_params(args.params)
-    ident = load_or_create_identity(config.node.data_dir)
+    ident = _identity(config)
     started = time.monotonic()
     with open_store(config) as store, progress_reporter(not args.json) as reporter:
         result = store.add_model(
@@ -465,7 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args, config))
     except (UsageError, InvalidName) as exc:
         fail(str(exc), EXIT_USAGE)
-    except ModelNotFound as exc:
+    except (ModelNotFound, CommandError) as exc:
         fail(str(exc))
     except (
         StoreError,
@@ -474,7 +490,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         GGUFError,
         StoreBusyError,
         DatabaseError,
-        IdentityError,
         StoreFullError,
     ) as exc:
         fail(str(exc))

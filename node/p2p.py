@@ -31,8 +31,14 @@ Library defects handled here, each pinned by a test in ``tests/test_p2p.py``:
    `YAMUX_FRAME_BYTES` = 65,519 bytes, header included.
 8. ``Swarm.dial_peer`` remembers a peer whose addresses all failed for 60 s and refuses to
    dial it again: an explicit `P2PHost.connect` forgets that first.
-9. py-libp2p logs ordinary churn at WARNING/ERROR into a logger with ``propagate=False``:
-   `configure_libp2p_logging` routes it into ``dmm.p2p`` at sensible levels.
+9. The TCP listener sets ``SO_REUSEPORT``, so a second node on a busy port listens
+   happily and the kernel splits incoming connections between the two: `open_host`
+   first checks that each fixed port is free.
+10. py-libp2p logs ordinary churn at WARNING/ERROR into a logger with ``propagate=False``:
+    `configure_libp2p_logging` routes it into ``dmm.p2p`` at sensible levels.
+11. A stream the peer reset, or one cut off by closing its connection, reads as a clean
+    end of stream once Yamux drops its bookkeeping, so truncated data looks complete:
+    `_YamuxStream.read` and `_Yamux.close` make those a reset.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -65,9 +72,10 @@ from libp2p.rcmgr import new_resource_manager
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.exceptions import MuxedStreamEOF, MuxedStreamError, MuxedStreamReset
 from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
 from libp2p.stream_muxer.yamux.yamux import (
+    GO_AWAY_NORMAL,
     HEADER_SIZE,
     TYPE_DATA,
     YAMUX_HEADER_FORMAT,
@@ -201,9 +209,27 @@ class _YamuxStream(YamuxStream):
                 await self.conn.secured_conn.write(frame)
             sent += size
 
+    async def read(self, n: int | None = -1) -> bytes:
+        try:
+            return await super().read(n)
+        except MuxedStreamEOF:
+            # Defect 11: once a reset stream's bookkeeping is dropped, the library reports
+            # a clean end of stream.
+            if self.reset_received:
+                raise MuxedStreamReset("Stream was reset") from None
+            raise
+
 
 class _Yamux(Yamux):
-    """Yamux whose streams are `_YamuxStream`."""
+    """Yamux whose streams are `_YamuxStream`, and whose close cuts streams off."""
+
+    async def close(self, error_code: int = GO_AWAY_NORMAL) -> None:
+        # Defect 11: a stream still receiving when we close the connection reads as a
+        # clean end of stream; mark it reset so the reader sees a truncation.
+        for stream in list(self.streams.values()):
+            if not stream.recv_closed:
+                stream.reset_received = True
+        await super().close(error_code)
 
     async def open_stream(self) -> YamuxStream:
         stream = await super().open_stream()
@@ -564,6 +590,30 @@ class P2PHost:
                 nursery.start_soon(self.host.disconnect, peer)
 
 
+def _check_port_free(addr: Multiaddr) -> None:
+    """Raise `OSError` if a fixed TCP port in `addr` is taken (defect 9).
+
+    A bind without ``SO_REUSEPORT`` fails where another socket listens, even one that set
+    ``SO_REUSEPORT``. The port could be taken between this check and the listen; this
+    catches the real case, a second node started on the same configuration.
+    """
+    protocols = {protocol.name for protocol in addr.protocols()}
+    if "tcp" not in protocols or int(addr.value_for_protocol("tcp")) == 0:
+        return
+    if "ip4" in protocols:
+        family, ip = socket.AF_INET, addr.value_for_protocol("ip4")
+    elif "ip6" in protocols:
+        family, ip = socket.AF_INET6, addr.value_for_protocol("ip6")
+    else:
+        return
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((ip, int(addr.value_for_protocol("tcp"))))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from exc
+
+
 @asynccontextmanager
 async def open_host(
     key_pair: KeyPair,
@@ -579,6 +629,8 @@ async def open_host(
     """
     configure_libp2p_logging()
     addrs = [Multiaddr(addr) for addr in listen_addrs]
+    for addr in addrs:
+        _check_port_free(addr)
     host = _build_host(key_pair, allowlist)
     async with host.run(addrs):
         swarm = host.get_network()
@@ -594,7 +646,7 @@ async def open_host(
                 await p2p_host._close_connections()
 
 
-# --- logging (defect 9) ---------------------------------------------------------------
+# --- logging (defect 10) ---------------------------------------------------------------
 
 # WARNING/ERROR messages py-libp2p emits for connections and streams ending normally.
 _ORDINARY = re.compile(

@@ -1,0 +1,83 @@
+"""The benchmark runner's contract (DESIGN.md, "Benchmarks"): the JSON shape and usage errors.
+
+Runs the real runner in a subprocess, as scripts/bench does. Speed is not checked here:
+on a shared machine a wall-clock threshold would fail at random; the figures are for people.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIGURE_KEYS = {
+    "bench",
+    "name",
+    "value",
+    "unit",
+    "baseline",
+    "baseline_value",
+    "ratio",
+    "better",
+}
+
+
+def _bench(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.slow
+def test_quick_storage_run_writes_the_figures_json(tmp_path: Path) -> None:
+    out = tmp_path / "figures.json"
+    done = _bench("storage", "--quick", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    payload = json.loads(out.read_text())
+    assert set(payload) == {"figures"}
+    figures = payload["figures"]
+    assert figures, "the storage benchmark reported no figures"
+    for fig in figures:
+        assert set(fig) == FIGURE_KEYS, fig
+        assert fig["bench"] == "storage"
+        assert isinstance(fig["name"], str) and fig["name"]
+        assert isinstance(fig["unit"], str) and fig["unit"]
+        assert fig["better"] in ("higher", "lower")
+        assert isinstance(fig["value"], int | float) and fig["value"] > 0
+        if fig["baseline"] is None:
+            assert fig["baseline_value"] is None and fig["ratio"] is None, fig
+        else:
+            assert isinstance(fig["baseline"], str) and fig["baseline"]
+            assert isinstance(fig["baseline_value"], int | float) and fig["baseline_value"] > 0
+            assert isinstance(fig["ratio"], int | float) and fig["ratio"] > 0
+            assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    names = {f["name"] for f in figures}
+    assert {"index_file", "import_models", "chunks", "mean chunk size"} <= names
+    # Every figure is also a row of the printed table.
+    for fig in figures:
+        assert any(fig["name"] in line for line in done.stdout.splitlines())
+
+
+def test_an_unknown_benchmark_is_a_usage_error_naming_the_known_ones() -> None:
+    done = _bench("no-such-bench", timeout=60)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert "no-such-bench" in lines[0] and "storage" in lines[0]
+    assert done.stdout == ""
+
+
+def test_help_lists_the_benchmarks_and_options() -> None:
+    done = _bench("--help", timeout=60)
+    assert done.returncode == 0
+    for word in ("--json", "--quick", "storage", "ratio"):
+        assert word in done.stdout

@@ -1,0 +1,437 @@
+"""Tests for node/p2p.py: real py-libp2p hosts on 127.0.0.1, one test per library defect."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.keys import KeyPair
+from libp2p.exceptions import BaseLibp2pError
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from multiaddr import Multiaddr
+
+from node.p2p import (
+    COALESCE_BYTES,
+    NOISE_PROTOCOL_ID,
+    DialError,
+    P2PHost,
+    Stream,
+    StreamRefused,
+    configure_libp2p_logging,
+    open_host,
+)
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+ECHO = "/dmm/test-echo/1"
+SINK = "/dmm/test-sink/1"
+
+
+@asynccontextmanager
+async def hosts(count: int, **kwargs: frozenset[str]) -> AsyncIterator[list[P2PHost]]:
+    async with AsyncExitStack() as stack:
+        yield [
+            await stack.enter_async_context(open_host(create_new_key_pair(), [LOOPBACK], **kwargs))
+            for _ in range(count)
+        ]
+
+
+async def read_all(stream: Stream) -> bytes:
+    data = bytearray()
+    while chunk := await stream.receive_some():
+        data += chunk
+    return bytes(data)
+
+
+async def echo(stream: Stream) -> None:
+    await stream.send_all(await read_all(stream))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Sink:
+    """A stream handler that reads a whole stream and remembers what arrived."""
+
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+        self.received: list[tuple[str, bytes]] = []
+        self.done = trio.Event()
+
+    async def __call__(self, stream: Stream) -> None:
+        if self.pause:
+            await trio.sleep(self.pause)
+        self.received.append((stream.peer_id, await read_all(stream)))
+        self.done.set()
+
+
+async def test_host_listens_on_real_port_and_connects() -> None:
+    """listen_addrs carry the bound port and /p2p/<id>; connect returns the peer id."""
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            (addr,) = a.listen_addrs
+            assert addr.endswith(f"/p2p/{a.peer_id}")
+            assert "/tcp/0/" not in addr
+            assert await b.connect(addr) == a.peer_id
+            assert b.connected_peers() == [a.peer_id]
+            a.set_stream_handler(ECHO, echo)
+            stream = await b.open_stream(a.peer_id, ECHO)
+            await stream.send_all(b"ping")
+            await stream.send_eof()
+            assert await read_all(stream) == b"ping"
+            await stream.aclose()
+            await b.disconnect(a.peer_id)
+            assert b.connected_peers() == []
+
+
+async def test_plaintext_peer_is_refused_both_ways() -> None:
+    """Defect 1: py-libp2p's default security list accepts /plaintext/2.0.0.
+
+    A peer that offers only plaintext can neither dial us nor be dialed by us.
+    """
+    key_pair = create_new_key_pair()
+    plain = new_host(
+        key_pair=key_pair,
+        sec_opt={PLAINTEXT_PROTOCOL_ID: InsecureTransport(key_pair)},
+        muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+    )
+    with trio.fail_after(20):
+        async with hosts(1) as (ours,), plain.run([Multiaddr(LOOPBACK)]):
+            offered = ours.host.get_network().upgrader.security_multistream.transports
+            assert list(offered) == [NOISE_PROTOCOL_ID]
+            with pytest.raises(BaseLibp2pError):
+                await plain.connect(info_from_p2p_addr(Multiaddr(ours.listen_addrs[0])))
+            with pytest.raises(DialError):
+                await ours.connect(str(plain.get_addrs()[0]))
+            assert ours.connected_peers() == []
+            assert plain.get_connected_peers() == []
+
+
+async def test_one_connection_per_peer() -> None:
+    """Defect 2: dial_peer waits 250 ms for a second connection unless the per-peer cap is 1.
+
+    Pins the configuration (not the timing) and that both dial directions share one
+    connection.
+    """
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            for host in (a, b):
+                assert host.host.get_network().connection_config.max_connections_per_peer == 1
+            await a.connect(b.listen_addrs[0])
+            await b.connect(a.listen_addrs[0])
+            assert len(a.host.get_network().get_connections()) == 1
+            assert len(b.host.get_network().get_connections()) == 1
+
+
+async def test_listener_accepts_after_400_connections() -> None:
+    """Defect 3: the inbound cap (250) counted every connection ever accepted.
+
+    After 400 connect/disconnect cycles (16 dialers, 25 each) a fresh peer still gets in.
+    """
+    with trio.fail_after(55):
+        async with hosts(1) as (listener,), hosts(16) as dialers:
+            listener.set_stream_handler(ECHO, echo)
+            addr = listener.listen_addrs[0]
+
+            async def cycle(dialer: P2PHost) -> None:
+                for _ in range(25):
+                    await dialer.connect(addr)
+                    await dialer.disconnect(listener.peer_id)
+
+            async with trio.open_nursery() as nursery:
+                for dialer in dialers:
+                    nursery.start_soon(cycle, dialer)
+
+            async with hosts(1) as (fresh,):
+                await fresh.connect(addr)
+                stream = await fresh.open_stream(listener.peer_id, ECHO)
+                await stream.send_all(b"still here")
+                await stream.send_eof()
+                assert await read_all(stream) == b"still here"
+
+
+async def test_paused_reader_is_not_reset() -> None:
+    """Defect 4: a writer facing an empty window gave up after 5 s and reset the stream.
+
+    The reader here is busy for 6 s while 2 MiB (8 receive windows) wait; then it reads
+    everything. The sleep is the point of the test.
+    """
+    data = os.urandom(2 * 1024 * 1024)
+    sink = Sink(pause=6.0)
+    with trio.fail_after(30):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, sink)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, SINK)
+            await stream.send_all(data)
+            await stream.send_eof()
+            await sink.done.wait()
+            assert sink.received == [(b.peer_id, data)]
+            await stream.aclose()
+
+
+async def test_receive_some_returns_empty_at_eof() -> None:
+    """Defect 5: NetStream.read raises StreamEOF instead of returning b"" at the end."""
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(ECHO, echo)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, ECHO)
+            await stream.send_all(b"hello")
+            await stream.send_eof()
+            assert await read_all(stream) == b"hello"
+            assert await stream.receive_some() == b""
+            assert await stream.receive_some(10) == b""
+            await stream.aclose()
+
+
+async def test_stream_errors_are_trio_errors() -> None:
+    """A peer reset is BrokenResourceError with the library error as cause; use after
+    aclose is ClosedResourceError; sending after send_eof is ClosedResourceError."""
+    reset_done = trio.Event()
+
+    async def resetter(stream: Stream) -> None:
+        await stream.receive_some()
+        await stream.reset()
+        reset_done.set()
+
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, resetter)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, SINK)
+            await stream.send_all(b"x")
+            await stream.flush()
+            await reset_done.wait()
+            with pytest.raises(trio.BrokenResourceError) as broken:
+                await stream.receive_some()
+            assert isinstance(broken.value.__cause__, BaseLibp2pError)
+            await stream.aclose()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.receive_some()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"x")
+
+            a.set_stream_handler(ECHO, echo)
+            stream = await b.open_stream(a.peer_id, ECHO)
+            await stream.send_eof()
+            with pytest.raises(trio.ClosedResourceError):
+                await stream.send_all(b"late")
+            assert await read_all(stream) == b""
+            await stream.aclose()
+
+
+async def test_cut_streams_are_broken_not_eof() -> None:
+    """Defect 11: a stream cut off by a reset or a closed connection read as a clean EOF,
+    so truncated data looked complete. Both ends now see BrokenResourceError."""
+    outcome: list[type[BaseException]] = []
+    reading = trio.Event()
+    cut = trio.Event()
+
+    async def reader(stream: Stream) -> None:
+        reading.set()
+        try:
+            await read_all(stream)
+        except trio.BrokenResourceError as exc:
+            outcome.append(type(exc))
+            cut.set()
+            raise
+
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, reader)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, SINK)
+            await stream.send_all(b"partial")
+            await stream.flush()
+            await reading.wait()
+            await b.disconnect(a.peer_id)
+            await cut.wait()
+            assert outcome == [trio.BrokenResourceError]
+            with pytest.raises(trio.BrokenResourceError):
+                await stream.receive_some()
+
+
+async def test_small_writes_are_coalesced_and_arrive_in_order() -> None:
+    """Defect 6: each write was its own Yamux frame and Noise message.
+
+    Small writes stay in our buffer (the Yamux send window is untouched) until a flush,
+    and 20,000 of them of varying sizes arrive intact and in order.
+    """
+    pieces = [i.to_bytes(4, "big") * (i % 13 + 1) for i in range(20_000)]
+    expected = b"".join(pieces)
+    sink = Sink()
+    with trio.fail_after(30):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, sink)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, SINK)
+            muxed = stream.net_stream.muxed_stream
+            window = muxed.send_window  # type: ignore[attr-defined]
+            for piece in pieces[:100]:
+                await stream.send_all(piece)
+            pending = sum(map(len, pieces[:100]))
+            assert pending < COALESCE_BYTES
+            assert muxed.send_window == window  # type: ignore[attr-defined]
+            await stream.flush()
+            assert muxed.send_window == window - pending  # type: ignore[attr-defined]
+            for piece in pieces[100:]:
+                await stream.send_all(piece)
+            await stream.send_eof()
+            await sink.done.wait()
+            assert sink.received == [(b.peer_id, expected)]
+            await stream.aclose()
+
+
+async def test_64_mib_moves_bit_exact() -> None:
+    """64 MiB over one stream arrives bit-exact (sha256), in 1 MiB writes."""
+    data = os.urandom(64 * 1024 * 1024)
+    digest = hashlib.sha256(data).hexdigest()
+    result: list[tuple[int, str]] = []
+    done = trio.Event()
+
+    async def hasher(stream: Stream) -> None:
+        sha, size = hashlib.sha256(), 0
+        while chunk := await stream.receive_some():
+            sha.update(chunk)
+            size += len(chunk)
+        result.append((size, sha.hexdigest()))
+        done.set()
+
+    view = memoryview(data)
+    with trio.fail_after(50):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, hasher)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, SINK)
+            for offset in range(0, len(data), 1024 * 1024):
+                await stream.send_all(view[offset : offset + 1024 * 1024])
+            await stream.send_eof()
+            await done.wait()
+            assert result == [(len(data), digest)]
+            await stream.aclose()
+
+
+async def test_allowlist_refuses_other_peers_connections() -> None:
+    """An allowlisted host accepts its friend and refuses a stranger's connection."""
+    friend_key, stranger_key = create_new_key_pair(), create_new_key_pair()
+    friend_id, stranger_id = (str(_peer_id(k)) for k in (friend_key, stranger_key))
+    sink = Sink()
+    with trio.fail_after(20):
+        async with (
+            hosts(1, allowlist=frozenset({friend_id})) as (private,),
+            open_host(friend_key, [LOOPBACK]) as friend,
+            open_host(stranger_key, [LOOPBACK]) as stranger,
+        ):
+            private.set_stream_handler(SINK, sink)
+            with pytest.raises(DialError):
+                await stranger.connect(private.listen_addrs[0])
+            assert stranger_id not in private.connected_peers()
+
+            await friend.connect(private.listen_addrs[0])
+            stream = await friend.open_stream(private.peer_id, SINK)
+            await stream.send_all(b"hi")
+            await stream.aclose()
+            await sink.done.wait()
+            assert sink.received == [(friend_id, b"hi")]
+
+
+async def test_allowlist_refuses_streams_on_connections_we_dialed() -> None:
+    """A stranger we dialed ourselves still cannot open a stream to us: no handler runs."""
+    sink = Sink()
+    with trio.fail_after(20):
+        async with hosts(1, allowlist=frozenset()) as (private,), hosts(1) as (stranger,):
+            private.set_stream_handler(SINK, sink)
+            await private.connect(stranger.listen_addrs[0])
+            with pytest.raises(StreamRefused):
+                await stranger.open_stream(private.peer_id, SINK)
+            assert sink.received == []
+
+
+async def test_connect_retries_a_peer_that_failed_before() -> None:
+    """Defect 8: after a failed dial the swarm refused to dial that peer for 60 s."""
+    key_pair = create_new_key_pair()
+    addr = f"/ip4/127.0.0.1/tcp/{free_port()}"
+    with trio.fail_after(20):
+        async with hosts(1) as (dialer,):
+            with pytest.raises(DialError):
+                await dialer.connect(f"{addr}/p2p/{_peer_id(key_pair)}")
+            async with open_host(key_pair, [addr]) as late:
+                assert await dialer.connect(late.listen_addrs[0]) == late.peer_id
+
+
+async def test_port_in_use_is_an_error() -> None:
+    """The TCP listener sets SO_REUSEPORT, so a second node on a busy port "listened" and
+    took half the connections; open_host refuses instead."""
+    with trio.fail_after(10):
+        async with hosts(1) as (first,):
+            busy = first.listen_addrs[0].rsplit("/p2p/", 1)[0]
+            with pytest.raises(OSError):
+                async with open_host(create_new_key_pair(), [busy]):
+                    pass
+
+
+async def test_exit_closes_connections_within_two_seconds() -> None:
+    """Leaving open_host closes all of its connections, quickly."""
+    with trio.fail_after(20):
+        async with hosts(4) as others:
+            with trio.fail_after(2):
+                async with open_host(create_new_key_pair(), [LOOPBACK]) as host:
+                    for other in others:
+                        await host.connect(other.listen_addrs[0])
+                    assert len(host.connected_peers()) == 4
+            with trio.fail_after(5):
+                for other in others:
+                    while host.peer_id in other.connected_peers():
+                        await trio.sleep(0.01)
+
+
+def test_libp2p_logs_reach_dmm_logger(caplog: pytest.LogCaptureFixture) -> None:
+    """Defect 9: libp2p logged ordinary disconnects at ERROR into a non-propagating logger.
+
+    They now reach "dmm.p2p" at DEBUG; a real error keeps its level.
+    """
+    caplog.set_level(logging.DEBUG, logger="dmm.p2p")
+    configure_libp2p_logging()
+    yamux_log = logging.getLogger("libp2p.stream_muxer.yamux.yamux")
+    yamux_log.error("Error in handle_incoming for peer Qm: ClosedResourceError: ")
+    yamux_log.error("Received GO_AWAY for peer Qm: Protocol error")
+    records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
+    assert records == [
+        (
+            "dmm.p2p",
+            logging.DEBUG,
+            "libp2p.stream_muxer.yamux.yamux: "
+            "Error in handle_incoming for peer Qm: ClosedResourceError: ",
+        ),
+        (
+            "dmm.p2p",
+            logging.ERROR,
+            "libp2p.stream_muxer.yamux.yamux: Received GO_AWAY for peer Qm: Protocol error",
+        ),
+    ]
+    caplog.set_level(logging.WARNING, logger="dmm.p2p")
+    configure_libp2p_logging()
+    assert logging.getLogger("libp2p").level == logging.WARNING
+
+
+def _peer_id(key_pair: KeyPair) -> str:
+    from libp2p.peer.id import ID
+
+    return str(ID.from_pubkey(key_pair.public_key))
