@@ -20,11 +20,11 @@ from typing import TypeVar
 
 from bench import Figure, progress, register
 from storage.chunks import BlobIndex, MiB, index_file
-from storage.gguf import generate_model
 from storage.manifest import CONFIG_MEDIA_TYPE, MODEL_MEDIA_TYPE, Layer, Manifest
 from storage.names import blob_filename, parse_model_name
 from storage.ollama_store import OllamaLayout
 from storage.store import ModelStore
+from storage.testmodels import generate_model
 
 BENCH = "storage"
 FULL_SIZE = 2048 * MiB

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from storage.gguf import generate_model
 from storage.store import ModelStore
+from storage.testmodels import generate_model
 
 MiB = 1024 * 1024
 MakeModel = Callable[..., Path]

@@ -303,3 +303,59 @@ def test_metadata_only_edit_keeps_most_chunks_shared(
     chunks_b = store.db.blob_chunks(rb.model_blob)
     shared = sum(c.length for c in chunks_b if c.digest in ids_a)
     assert shared / sum(c.length for c in chunks_b) >= 0.95
+
+
+def test_import_copies_when_hard_links_are_impossible(
+    store: ModelStore, make_model: MakeModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    src = _ollama_store(tmp_path / "other", store, make_model, ["alpha"])
+
+    def cross_device(a: object, b: object) -> None:
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", cross_device)
+    report = store.import_models(src.models_dir)
+    assert report.models_new == ["alpha:latest"] and report.blobs_copied >= 2
+    assert report.blobs_linked == 0
+    for layer in store.get("alpha").manifest.all_layers():
+        assert (
+            store.cas.path(layer.digest).stat().st_ino != src.cas.path(layer.digest).stat().st_ino
+        )
+    assert store.verify().ok
+
+
+def test_killed_add_leaves_no_model_and_no_named_blob(
+    make_model: MakeModel, tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of copying: nothing visible, and gc sweeps the temp file."""
+    import signal
+    import subprocess
+    import sys
+
+    gguf = make_model(size=192 * MiB)
+    config = tmp_path / "node.toml"
+    config.write_text('[node]\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\n')
+    blobs = tmp_path / "models" / "blobs"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "add", "big", str(gguf), "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    try:
+        while not (blobs.is_dir() and any(p.name.endswith(".tmp") for p in blobs.iterdir())):
+            assert proc.poll() is None, "add finished before it could be interrupted"
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (tmp_path / "models" / "manifests").exists()
+    assert not any(p.name.startswith("sha256-") for p in blobs.iterdir())
+    with ModelStore(tmp_path / "models", tmp_path / "data" / "dmm.db", tmp_path / "cas") as store:
+        assert store.list_models() == []
+        report = store.gc(older_than=0)
+        assert len(report.temp_files) == 1
+        assert list(blobs.iterdir()) == []
