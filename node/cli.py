@@ -17,7 +17,7 @@ from storage.cas import BlobMismatchError, StoreBusyError
 from storage.db import DatabaseError
 from storage.fsutil import StoreFullError
 from storage.gguf import GGUFError, details, model_info
-from storage.manifest import ManifestError
+from storage.manifest import LAYER_PREFIX, ManifestError
 from storage.names import InvalidName
 from storage.store import ModelNotFound, ModelStore, StoreError
 
@@ -310,7 +310,8 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
             print(f"\n  {title.capitalize()}\n    {first[:96]}{more}")
     print("\n  Layers")
     for layer in data["layers"]:
-        kind = layer["mediaType"].rsplit(".", 1)[-1].rsplit("/", 1)[-1]
+        media_type = layer["mediaType"]
+        kind = media_type.rsplit(".", 1)[-1] if media_type.startswith(LAYER_PREFIX) else "config"
         print(f"    {kind:<12}{layer['digest'][7:19]}  {human_size(layer['size'])}")
     print(f"\n  {data['chunks']} chunks, {len(data['versions'])} version(s) known")
     return EXIT_OK
