@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
 from node.local import open_store
 from node.progress import progress_reporter
+from node.versions import VersionBook
 from storage.cas import BlobMismatchError, StoreBusyError
 from storage.db import DatabaseError
 from storage.fsutil import StoreFullError
@@ -143,9 +144,9 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
             system=system,
             params=params,
             license_text=license_text,
-            author=ident.peer_id_str,
             reporter=reporter,
         )
+        record = VersionBook(store.db, ident).record_local(result.name, result.digest, result.size)
     elapsed = time.monotonic() - started
     if args.json:
         emit_json(
@@ -155,7 +156,7 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
                 "size": result.size,
                 "model_blob": result.model_blob,
                 "copied_bytes": result.copied_bytes,
-                "version": result.version_id,
+                "version": record.version_id.hex(),
                 "changed": result.changed,
                 "seconds": round(elapsed, 3),
             }
@@ -174,8 +175,12 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
     source = Path(args.source).expanduser().absolute() if args.source else None
     if source is not None and not (source / "manifests").is_dir():
         raise UsageError(f"--from {source}: not an Ollama models directory (no manifests/ in it)")
+    ident = _identity(config)
     with open_store(config) as store, progress_reporter(not args.json) as reporter:
         report = store.import_models(source, reporter)
+        book = VersionBook(store.db, ident)
+        for entry in store.list_models():
+            book.record_local(entry.name, entry.digest, entry.size)
     if args.json:
         emit_json(
             {
@@ -268,6 +273,7 @@ def _show_data(store: ModelStore, name: str) -> dict[str, Any]:
                 "manifest": v.manifest_digest,
                 "parents": list(v.parents),
                 "author": v.author,
+                "hlc": v.hlc,
                 "created_at": v.created_at,
             }
             for v in store.db.versions(stored.name.full)

@@ -50,7 +50,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import trio
 from libp2p.abc import IMuxedConn, INetStream, IRawConnection, ISecureConn
@@ -63,6 +63,7 @@ from libp2p.io.abc import ReadWriteCloser
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF
+from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -141,7 +142,7 @@ def _parse_peer_id(peer_id: str) -> ID:
         raise ValueError(f"not a peer id: {peer_id!r}") from exc
 
 
-# --- Yamux (defects 4 and 7) ----------------------------------------------------------
+# --- Yamux (defects 4, 7 and 11) ---------------------------------------------------
 
 
 class _YamuxStream(YamuxStream):
@@ -152,7 +153,7 @@ class _YamuxStream(YamuxStream):
     same instance attributes so that every change wakes a writer waiting for window.
     """
 
-    @property  # type: ignore[override]
+    @property
     def send_window(self) -> int:
         value: int = self.__dict__["send_window"]
         return value
@@ -162,7 +163,7 @@ class _YamuxStream(YamuxStream):
         self.__dict__["send_window"] = value
         self._wake_writer()
 
-    @property  # type: ignore[override]
+    @property
     def closed(self) -> bool:
         value: bool = self.__dict__["closed"]
         return value
@@ -307,11 +308,11 @@ class _Swarm(Swarm):
         raw_conn = RawConnection(read_write_closer, False)
         try:
             muxed_conn = await self.upgrade_inbound_raw_conn(raw_conn, maddr)
-        except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+        except Exception as exc:  # a stranger's bytes can make the handshake raise anything
             log.debug("inbound connection on %s failed: %r", maddr, exc)
             await raw_conn.close()
             return
-        await muxed_conn.event_closed.wait()
+        await cast(Yamux, muxed_conn).event_closed.wait()
 
     def set_stream_handler(self, stream_handler: Callable[[INetStream], Awaitable[None]]) -> None:
         allowlist = self._allowlist
@@ -386,7 +387,7 @@ class Stream(trio.abc.HalfCloseableStream):
             return trio.ClosedResourceError("stream was closed")
         return trio.BrokenResourceError(f"stream to {self.peer_id} failed: {exc!r}")
 
-    async def _write(self, data: bytes | bytearray) -> None:
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
         try:
             await self._net_stream.write(data)  # type: ignore[arg-type]
         except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
@@ -408,7 +409,7 @@ class Stream(trio.abc.HalfCloseableStream):
             async with self._write_lock:
                 self._check_open()
                 if not self._buffer and len(data) >= COALESCE_BYTES:
-                    await self._write(bytes(data) if isinstance(data, memoryview) else data)
+                    await self._write(data)
                     return
                 self._buffer += data
                 if len(self._buffer) >= COALESCE_BYTES:
@@ -439,7 +440,10 @@ class Stream(trio.abc.HalfCloseableStream):
         self._receiving = True
         try:
             self._check_open()
-            if self._buffer and not self._eof_sent:
+            # A reply is usually awaited after a request: send what we hold first. When a
+            # sender holds the lock it is writing the buffer already; waiting for it could
+            # deadlock against a peer that writes before it reads.
+            if self._buffer and not self._eof_sent and not self._write_lock.locked():
                 await self.flush()
             try:
                 data = await self._net_stream.read(max_bytes)
@@ -463,7 +467,7 @@ class Stream(trio.abc.HalfCloseableStream):
             await self._flush_locked()
             self._eof_sent = True
             try:
-                await self._net_stream.close_write()
+                await cast(NetStream, self._net_stream).close_write()
             except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
                 raise self._broken(exc) from exc
 
@@ -576,7 +580,7 @@ class P2PHost:
             self._swarm.forget_dial_failure(peer)
             try:
                 await self.host.connect(self.host.get_peerstore().peer_info(peer))
-            except (BaseLibp2pError, OSError) as exc:
+            except (BaseLibp2pError, OSError, KeyError) as exc:  # KeyError: unknown peer
                 raise DialError(f"could not connect to {peer_id}: {exc}") from exc
         try:
             net_stream = await self.host.new_stream(peer, [TProtocol(protocol_id)])
@@ -668,6 +672,7 @@ _ORDINARY = re.compile(
             r"Unexpected error during window update",
             r"Error closing connection to",
             r"Identify .*(failed|error)",
+            r"Failed to open TCP stream",
             r"Stream entered",
         ]
     )
@@ -708,8 +713,8 @@ def configure_libp2p_logging() -> None:
     INFO and below become DEBUG, as do WARNING/ERROR records about connections and streams
     ending normally; other WARNING/ERROR records keep their level. The library logger is
     set to DEBUG only while ``dmm.p2p`` logs DEBUG, because each enabled library debug
-    call costs a record. Left alone when ``LIBP2P_DEBUG`` is set: the library's own
-    logging was asked for.
+    call costs a record: call this again after turning ``dmm.p2p`` DEBUG on. Left alone
+    when ``LIBP2P_DEBUG`` is set: the library's own logging was asked for.
     """
     if os.environ.get("LIBP2P_DEBUG"):
         return

@@ -59,6 +59,15 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX versions_by_name ON versions(name, created_at);
     """,
+    # 1 -> 2: signed version records (the node signs them; storage keeps the bytes)
+    """
+    ALTER TABLE versions ADD COLUMN hlc INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE versions ADD COLUMN record BLOB;
+    CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -95,6 +104,8 @@ class VersionRow:
     parents: tuple[str, ...]
     author: str
     created_at: float
+    hlc: int = 0
+    record: bytes | None = None  # the signed, encoded version record
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +285,7 @@ class MetadataDB:
         with self._tx() as conn:
             cur = conn.execute(
                 "INSERT OR IGNORE INTO versions (id, name, manifest_digest, size, parents, author,"
-                " created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " created_at, hlc, record) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     version.id,
                     version.name,
@@ -283,28 +294,63 @@ class MetadataDB:
                     json.dumps(list(version.parents)),
                     version.author,
                     version.created_at,
+                    version.hlc,
+                    version.record,
                 ),
             )
             return cur.rowcount == 1
 
     def versions(self, name: str) -> list[VersionRow]:
+        """Every version of ``host/namespace/model:tag`` known here, oldest first."""
         rows = self._query(
-            "SELECT id, name, manifest_digest, size, parents, author, created_at FROM versions"
-            " WHERE name = ? ORDER BY created_at, id",
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE name = ? ORDER BY hlc, created_at, id",
             (name,),
         )
-        return [
-            VersionRow(
-                str(r[0]),
-                str(r[1]),
-                str(r[2]),
-                int(r[3]),
-                tuple(json.loads(str(r[4]))),
-                str(r[5]),
-                float(r[6]),
+        return [_version_row(r) for r in rows]
+
+    def get_version(self, version_id: str) -> VersionRow | None:
+        rows = self._query(f"SELECT {_VERSION_COLUMNS} FROM versions WHERE id = ?", (version_id,))
+        return _version_row(rows[0]) if rows else None
+
+    def versions_like(self, pattern: str) -> list[VersionRow]:
+        """Versions whose name matches a SQL LIKE pattern (prefix search for the catalog)."""
+        rows = self._query(
+            f"SELECT {_VERSION_COLUMNS} FROM versions WHERE name LIKE ? ESCAPE '\\'"
+            " ORDER BY name, hlc, id",
+            (pattern,),
+        )
+        return [_version_row(r) for r in rows]
+
+    # --- settings -----------------------------------------------------------------------
+
+    def get_setting(self, key: str) -> str | None:
+        rows = self._query("SELECT value FROM settings WHERE key = ?", (key,))
+        return str(rows[0][0]) if rows else None
+
+    def set_setting(self, key: str, value: str) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO settings (key, value) VALUES (?, ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (key, value),
             )
-            for r in rows
-        ]
+
+
+_VERSION_COLUMNS = "id, name, manifest_digest, size, parents, author, created_at, hlc, record"
+
+
+def _version_row(r: Any) -> VersionRow:
+    return VersionRow(
+        str(r[0]),
+        str(r[1]),
+        str(r[2]),
+        int(r[3]),
+        tuple(json.loads(str(r[4]))),
+        str(r[5]),
+        float(r[6]),
+        int(r[7]),
+        None if r[8] is None else bytes(r[8]),
+    )
 
 
 def _model_row(row: Any) -> ModelRow:

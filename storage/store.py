@@ -26,7 +26,7 @@ from storage.chunks import (
     chunk_bytes,
     index_file,
 )
-from storage.db import MetadataDB, VersionRow
+from storage.db import MetadataDB
 from storage.gguf import GGUFError, GGUFInfo, details, read_gguf_info
 from storage.manifest import (
     CONFIG_MEDIA_TYPE,
@@ -73,7 +73,6 @@ class AddResult:
     size: int
     model_blob: str
     copied_bytes: int  # 0 when the model blob was already in the store
-    version_id: str
     changed: bool  # False when the name already pointed at this exact manifest
 
 
@@ -121,10 +120,6 @@ class GCReport:
     @property
     def freed(self) -> int:
         return sum(size for _, size in self.removed)
-
-
-def version_id(name: ModelName, manifest_digest: str) -> str:
-    return hashlib.sha256(f"{name.full}\n{manifest_digest}".encode()).hexdigest()
 
 
 class ModelStore:
@@ -219,18 +214,6 @@ class ModelStore:
             raise BlobMismatchError(f"its bytes hash to {index.digest}, not {digest}")
         return index
 
-    def _record(self, name: ModelName, manifest_digest: str, size: int, author: str) -> str:
-        previous = self.db.get_model(name.full)
-        parents: tuple[str, ...] = ()
-        if previous is not None and previous.manifest_digest != manifest_digest:
-            parents = (version_id(name, previous.manifest_digest),)
-        vid = version_id(name, manifest_digest)
-        self.db.add_version(
-            VersionRow(vid, name.full, manifest_digest, size, parents, author, time.time())
-        )
-        self.db.upsert_model(name.full, manifest_digest, size)
-        return vid
-
     # --- add ----------------------------------------------------------------------------
 
     def add_model(
@@ -242,7 +225,6 @@ class ModelStore:
         system: str | None = None,
         params: dict[str, Any] | None = None,
         license_text: str | None = None,
-        author: str = "",
         reporter: Reporter = _quiet,
     ) -> AddResult:
         """Add a GGUF file as ``name``; the manifest is written last, after every blob."""
@@ -287,10 +269,8 @@ class ModelStore:
             for digest in created:
                 self.cas.delete(digest)
             raise
-        vid = self._record(model, manifest.digest, manifest.total_size, author)
-        return AddResult(
-            model, manifest.digest, manifest.total_size, index.digest, copied, vid, changed
-        )
+        self.db.upsert_model(model.full, manifest.digest, manifest.total_size)
+        return AddResult(model, manifest.digest, manifest.total_size, index.digest, copied, changed)
 
     def _put_small(self, data: bytes, media_type: str, created: list[str]) -> Layer:
         existed = self.cas.has("sha256:" + hashlib.sha256(data).hexdigest())
@@ -390,7 +370,7 @@ class ModelStore:
             report.models_updated.append(item.name.display)
         else:
             report.models_unchanged.append(item.name.display)
-        self._record(item.name, item.digest, item.manifest.total_size, "")
+        self.db.upsert_model(item.name.full, item.digest, item.manifest.total_size)
 
     # --- remove, verify, gc -------------------------------------------------------------
 

@@ -67,14 +67,6 @@ def test_adding_again_copies_nothing(store: ModelStore, make_model: MakeModel) -
     assert other.copied_bytes == 0 and other.model_blob == again.model_blob
 
 
-def test_a_new_version_records_its_parent(store: ModelStore, make_model: MakeModel) -> None:
-    first = store.add_model("demo", make_model("a.gguf", seed=1))
-    second = store.add_model("demo", make_model("b.gguf", seed=2))
-    versions = store.db.versions("registry.ollama.ai/library/demo:latest")
-    assert [v.id for v in versions] == [first.version_id, second.version_id]
-    assert versions[1].parents == (first.version_id,)
-
-
 @pytest.mark.parametrize(
     "bad",
     [

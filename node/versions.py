@@ -1,0 +1,107 @@
+"""The version book: signed version records of the models this node knows, in its database.
+
+A local change (add, import, pull) becomes a record signed with the node's identity, whose
+parents are the current heads of that ``model:tag``; records from peers are verified
+(``VersionRecord.decode``) before they are kept. The hybrid logical clock is persisted, so
+timestamps never go backwards across restarts.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from protocols.records import HybridClock, VersionRecord
+from storage.db import MetadataDB, VersionRow
+from storage.names import ModelName
+
+if TYPE_CHECKING:  # libp2p is slow to import and only the node needs it at run time
+    from node.identity import Identity
+
+_HLC_SETTING = "hlc"
+
+
+def _wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class VersionBook:
+    """Thread-safe: called from worker threads (CLI, store operations) and the node."""
+
+    def __init__(self, db: MetadataDB, identity: Identity) -> None:
+        self.db = db
+        self.identity = identity
+        self._lock = threading.Lock()
+        self._clock = HybridClock(int(db.get_setting(_HLC_SETTING) or 0))
+
+    def _tick(self) -> int:
+        hlc = self._clock.now(_wall_ms())
+        self.db.set_setting(_HLC_SETTING, str(hlc))
+        return hlc
+
+    def records(self, name: ModelName | str) -> list[VersionRecord]:
+        """Every verified record of ``host/namespace/model:tag``, oldest first."""
+        full = name.full if isinstance(name, ModelName) else name
+        return [
+            VersionRecord.decode(row.record)
+            for row in self.db.versions(full)
+            if row.record is not None
+        ]
+
+    def heads(self, name: ModelName | str) -> list[VersionRecord]:
+        """Versions no other known version descends from (more than one = diverged)."""
+        records = self.records(name)
+        parents = {p for r in records for p in r.parents}
+        return [r for r in records if r.version_id not in parents]
+
+    def latest(self, name: ModelName | str) -> VersionRecord | None:
+        heads = self.heads(name)
+        if not heads:
+            return None
+        return max(heads, key=lambda r: (r.hlc, r.version_id))
+
+    def record_local(self, name: ModelName, manifest_digest: str, size: int) -> VersionRecord:
+        """The record for ``name`` now pointing at ``manifest_digest``; new only if it changed."""
+        with self._lock:
+            heads = self.heads(name)
+            for head in heads:
+                if head.manifest_digest == manifest_digest and len(heads) == 1:
+                    return head
+            record = VersionRecord.sign(
+                model=f"{name.host}/{name.namespace}/{name.model}",
+                tag=name.tag,
+                manifest_digest=manifest_digest,
+                size=size,
+                parents=[h.version_id for h in heads],
+                hlc=self._tick(),
+                signing_key=self.identity.signing_key,
+            )
+            self._store(record)
+            return record
+
+    def accept(self, record: VersionRecord) -> bool:
+        """Keep a verified record from a peer; False if it was already known."""
+        with self._lock:
+            hlc = self._clock.observe(record.hlc, _wall_ms())
+            self.db.set_setting(_HLC_SETTING, str(hlc))
+            return self._store(record)
+
+    def accept_many(self, records: Iterable[VersionRecord]) -> int:
+        return sum(1 for r in records if self.accept(r))
+
+    def _store(self, record: VersionRecord) -> bool:
+        return self.db.add_version(
+            VersionRow(
+                id=record.version_id.hex(),
+                name=record.name,
+                manifest_digest=record.manifest_digest,
+                size=record.size,
+                parents=tuple(p.hex() for p in record.parents),
+                author=record.author,
+                created_at=time.time(),
+                hlc=record.hlc,
+                record=record.encode(),
+            )
+        )
