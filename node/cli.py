@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
+
+import trio
 
 from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
 from node.local import open_store
@@ -148,6 +154,7 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
         )
         record = VersionBook(store.db, ident).record_local(result.name, result.digest, result.size)
     elapsed = time.monotonic() - started
+    tell_node(config, quiet=args.json)
     if args.json:
         emit_json(
             {
@@ -207,6 +214,7 @@ def cmd_import(args: argparse.Namespace, config: Config) -> int:
         )
         for error in report.errors:
             print(f"error: {error}", file=sys.stderr)
+    tell_node(config, quiet=args.json)
     return EXIT_FAIL if report.errors else EXIT_OK
 
 
@@ -333,6 +341,7 @@ def cmd_rm(args: argparse.Namespace, config: Config) -> int:
                 print(f"deleted '{stored.name.display}' (its blobs stay until `dmm gc`)")
     if args.json:
         emit_json({"deleted": removed})
+    tell_node(config, quiet=args.json)
     return EXIT_OK
 
 
@@ -406,6 +415,112 @@ def cmd_gc(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+# --- talking to the running node ---------------------------------------------------------
+
+
+class NodeUnreachable(CommandError):
+    pass
+
+
+def api_call(config: Config, method: str, path: str, timeout: float = 30.0) -> Any:
+    """JSON from the node's HTTP API at ``[api] listen``."""
+    url = f"http://{config.api.listen}{path}"
+    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            message = exc.reason
+        raise CommandError(f"the node answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise NodeUnreachable(
+            f"no node answers at http://{config.api.listen} ({getattr(exc, 'reason', exc)}); "
+            "start one with `dmm node start`"
+        ) from None
+
+
+def tell_node(config: Config, quiet: bool) -> None:
+    """A local change: have a running node on this store announce it now (if one runs)."""
+    try:
+        result = api_call(config, "POST", "/api/dmm/refresh", timeout=10.0)
+    except NodeUnreachable:
+        return
+    except CommandError as exc:
+        print(f"warning: the running node was not told: {exc}", file=sys.stderr)
+        return
+    if not quiet and (result.get("published") or result.get("removed")):
+        print(
+            f"the running node announced {result['published']} model(s) and withdrew "
+            f"{result['removed']}"
+        )
+
+
+def cmd_node_start(args: argparse.Namespace, config: Config) -> int:
+    from node.daemon import run_until_signalled
+
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    trio.run(run_until_signalled, config)
+    return EXIT_OK
+
+
+def cmd_node_status(args: argparse.Namespace, config: Config) -> int:
+    status = api_call(config, "GET", "/api/status")
+    if args.json:
+        emit_json(status)
+        return EXIT_OK
+    print(f"node      {status['peer_id']} ({status['name']})")
+    print(f"p2p       {' '.join(status['listen'])}")
+    print(f"api       {' '.join(status['api'])}")
+    print(f"peers     {status['peers']} connected, {status['dht_routing_table']} in the DHT table")
+    print(f"models    {status['models']} in the store, {status['published']} provided")
+    print(f"uptime    {status['uptime']:.0f}s")
+    return EXIT_OK
+
+
+def cmd_peers(args: argparse.Namespace, config: Config) -> int:
+    peers = api_call(config, "GET", "/api/peers")["peers"]
+    if args.json:
+        emit_json({"peers": peers})
+        return EXIT_OK
+    for peer in peers:
+        print(peer["peer_id"])
+    print(f"{len(peers)} peer(s) connected")
+    return EXIT_OK
+
+
+def cmd_find(args: argparse.Namespace, config: Config) -> int:
+    query = urllib.parse.urlencode({"glob": args.glob, "timeout": args.timeout})
+    result = api_call(config, "GET", f"/api/find?{query}", timeout=args.timeout + 30)
+    if args.json:
+        emit_json(result)
+        return EXIT_OK
+    print_table(
+        [
+            (
+                m["name"],
+                m["version"][:12],
+                human_size(m["size"]),
+                str(len(m["peers"])),
+                m["availability"],
+            )
+            for m in result["models"]
+        ],
+        ("NAME", "VERSION", "SIZE", "PEERS", "AVAILABLE"),
+    )
+    print(
+        f"{len(result['models'])} match(es) for {args.glob!r} from "
+        f"{result['providers_asked']} node(s) in {result['seconds']:.2f}s"
+    )
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -438,6 +553,38 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     add("id", cmd_id, "print this node's peer id (created on first use, stable after)")
+
+    node_parser = sub.add_parser(
+        "node",
+        help="run the node, or ask the running one how it is",
+        description="run the node, or ask the running one how it is",
+    )
+    node_sub = node_parser.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    p = node_sub.add_parser(
+        "start",
+        parents=[common],
+        help="run the node in the foreground until SIGINT/SIGTERM",
+        description="run the node in the foreground until SIGINT/SIGTERM: "
+        "listen on [network] listen, join the DHT through [network] "
+        "bootstrap, provide every model in the store, serve the HTTP API on "
+        "[api] listen",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    p.set_defaults(func=cmd_node_start)
+    p = node_sub.add_parser("status", parents=[common, data], help="the running node's state")
+    p.set_defaults(func=cmd_node_status)
+
+    add("peers", cmd_peers, "peers the running node is connected to")
+
+    p = add("find", cmd_find, "find models anywhere on the network by glob, e.g. 'llama*'")
+    p.add_argument("glob", metavar="GLOB", help="fnmatch glob over name:tag (quote it)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="how long to wait for holders to answer (default 10)",
+    )
 
     p = add("add", cmd_add, "add a GGUF file to the store as an Ollama model")
     p.add_argument("name", metavar="NAME[:TAG]", help="model name, e.g. mymodel:q4 or ns/model")

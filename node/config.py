@@ -337,8 +337,9 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not (port_text.isascii() and port_text.isdigit()):
         raise ValueError(problem)
     port = int(port_text)
-    if not 1 <= port <= 65535:
-        raise ValueError(f"{_quote(text)}: port must be 1..65535")
+    # 0 asks the OS for a free port (tests, several nodes on one machine).
+    if not 0 <= port <= 65535:
+        raise ValueError(f"{_quote(text)}: port must be 0..65535 (0 = any free port)")
     return host, port
 
 

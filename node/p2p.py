@@ -39,6 +39,31 @@ Library defects handled here, each pinned by a test in ``tests/test_p2p.py``:
 11. A stream the peer reset, or one cut off by closing its connection, reads as a clean
     end of stream once Yamux drops its bookkeeping, so truncated data looks complete:
     `_YamuxStream.read` and `_Yamux.close` make those a reset.
+
+The Kademlia DHT (`KadDht`, a ``KadDHT`` with these handled):
+
+12. ``KadDHT(protocol_prefix=...)`` is ignored: ``/ipfs/kad/1.0.0`` is imported by value
+    in five modules, so every node would join (and answer) the IPFS DHT. `KadDht` sees
+    the host through `_KadHost`, which renames it to `KAD_PROTOCOL_ID`.
+13. ``put_value`` and inbound ``PUT_VALUE`` accept keys of any unregistered namespace
+    unless ``strict_validation=True``, and the default validators also take ``/pk/`` and
+    ``/ipns/`` records: `KadDht` is strict and knows only the validators it is given.
+14. ``find_providers`` answers from the local store alone whenever it holds any record
+    for the key, so a node that once saw one provider never learns of new ones for
+    48 hours, and it lists a provider once per peer that named it:
+    `KadDht.find_providers_of` always asks the network and lists each peer once.
+15. ``get_value`` likewise returns a local value without asking anyone, however old:
+    `KadDht.get_newest_value` asks the network and keeps the validator's choice.
+16. ``ADD_PROVIDER`` is fire-and-forget and a receiver silently drops more than 10 per
+    peer per 10 s, so a node providing its store loses most records: `KadDht` accepts
+    `KAD_ADD_PROVIDER_LIMIT` per window; senders pace themselves below it.
+17. ``provide`` adds the key to a set the library re-provides every 22 hours forever,
+    with no way to stop: `KadDht.provide_key` leaves re-providing to the caller and
+    `KadDht.stop_providing` withdraws our own record.
+18. Keys are capped by the receiver: ``ADD_PROVIDER`` keys at 80 bytes
+    (`KAD_MAX_PROVIDER_KEY_BYTES`), ``GET_VALUE`` keys at 128 (`KAD_MAX_VALUE_KEY_BYTES`);
+    a longer value key can be stored but never fetched, so `KadDht` refuses it.
+    Every DHT stream the peer closes is logged at WARNING (defect 10 covers it).
 """
 
 from __future__ import annotations
@@ -48,28 +73,35 @@ import os
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
 import trio
-from libp2p.abc import IMuxedConn, INetStream, IRawConnection, ISecureConn
+from libp2p.abc import IHost, IMuxedConn, INetStream, IRawConnection, ISecureConn
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.abc import ReadWriteCloser
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, QUERY_TIMEOUT
+from libp2p.kad_dht.common import PROTOCOL_ID as _LIBRARY_KAD_PROTOCOL_ID
+from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
+from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.provider_store import PROVIDER_RECORD_EXPIRATION_INTERVAL
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
 from libp2p.rcmgr import new_resource_manager
+from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.exceptions import HandshakeFailure
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
@@ -91,10 +123,17 @@ from multiaddr import Multiaddr
 __all__ = [
     "COALESCE_BYTES",
     "CONNECTION_CONFIG",
+    "KAD_ADD_PROVIDER_LIMIT",
+    "KAD_ADD_PROVIDER_WINDOW",
+    "KAD_MAX_PROVIDER_KEY_BYTES",
+    "KAD_MAX_VALUE_KEY_BYTES",
+    "KAD_PROTOCOL_ID",
+    "KAD_PROVIDER_RECORD_TTL",
     "NOISE_PROTOCOL_ID",
     "YAMUX_FRAME_BYTES",
     "YAMUX_PROTOCOL_ID",
     "DialError",
+    "KadDht",
     "P2PError",
     "P2PHost",
     "Stream",
@@ -650,6 +689,209 @@ async def open_host(
                 await p2p_host._close_connections()
 
 
+# --- Kademlia DHT (defects 12-18) ------------------------------------------------------
+
+# Defect 12: the protocol dmm's DHT speaks, so it never mixes with the IPFS DHT.
+KAD_PROTOCOL_ID = "/dmm/kad/1.0.0"
+# Defect 18: what a receiving py-libp2p node accepts.
+KAD_MAX_PROVIDER_KEY_BYTES = 80
+KAD_MAX_VALUE_KEY_BYTES = 128
+# A provider record is dropped this long after it was stored (wall clock, not
+# configurable): providers must re-provide before then.
+KAD_PROVIDER_RECORD_TTL: float = PROVIDER_RECORD_EXPIRATION_INTERVAL
+# Defect 16: ADD_PROVIDER messages we accept from one peer per window (library: 10).
+KAD_ADD_PROVIDER_WINDOW = 10.0
+KAD_ADD_PROVIDER_LIMIT = 300
+
+
+def _to_dmm_kad(protocol_id: TProtocol) -> TProtocol:
+    return TProtocol(KAD_PROTOCOL_ID) if protocol_id == _LIBRARY_KAD_PROTOCOL_ID else protocol_id
+
+
+class _KadPeerStore:
+    """The peerstore as `KadDht` sees it: a peer speaking our DHT protocol speaks "its" one.
+
+    The routing table only admits peers whose identified protocols include the library's
+    DHT protocol id.
+    """
+
+    def __init__(self, peerstore: Any) -> None:
+        self._peerstore = peerstore
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._peerstore, name)
+
+    def get_protocols(self, peer_id: ID) -> list[str]:
+        protocols: list[str] = self._peerstore.get_protocols(peer_id)
+        return [
+            str(_LIBRARY_KAD_PROTOCOL_ID) if protocol == KAD_PROTOCOL_ID else protocol
+            for protocol in protocols
+        ]
+
+
+class _KadHost:
+    """The host as `KadDht` sees it: the DHT protocol id renamed (defect 12)."""
+
+    def __init__(self, host: BasicHost) -> None:
+        self._host = host
+        self._peerstore = _KadPeerStore(host.get_peerstore())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._host, name)
+
+    def get_peerstore(self) -> Any:
+        return self._peerstore
+
+    def set_stream_handler(self, protocol_id: TProtocol, handler: Any) -> None:
+        self._host.set_stream_handler(_to_dmm_kad(protocol_id), handler)
+
+    def remove_stream_handler(self, protocol_id: TProtocol) -> None:
+        self._host.remove_stream_handler(_to_dmm_kad(protocol_id))
+
+    async def new_stream(self, peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
+        return await self._host.new_stream(peer_id, [_to_dmm_kad(p) for p in protocol_ids])
+
+
+class KadDht(KadDHT):
+    """py-libp2p's server-mode ``KadDHT`` with defects 12-18 handled.
+
+    Keys are bytes for providers and text (``/<namespace>/...``) for values. Only the
+    namespaces in `validators` are stored or accepted, locally and from peers. Run it
+    with ``background_trio_service``. The ``provide``/``find_providers``/``get_value``
+    methods it inherits keep the library's defects: use the ones defined here.
+    """
+
+    def __init__(self, host: P2PHost, validators: Mapping[str, Validator]) -> None:
+        # Defect 13: strict, and no default pk/ipns validators (validator_changed).
+        super().__init__(
+            cast(IHost, _KadHost(host.host)),
+            DHTMode.SERVER,
+            validator=NamespacedValidator(dict(validators), strict_validation=True),
+            validator_changed=True,
+            strict_validation=True,
+        )
+        # Defect 16.
+        self._provider_rate_window = KAD_ADD_PROVIDER_WINDOW
+        self._provider_rate_max = KAD_ADD_PROVIDER_LIMIT
+
+    async def provide_key(self, key: bytes) -> bool:
+        """Record us as a provider of `key` here and at the closest peers, once.
+
+        True if at least one peer was told. The caller re-provides before
+        `KAD_PROVIDER_RECORD_TTL` passes (defect 17).
+        """
+        if not 0 < len(key) <= KAD_MAX_PROVIDER_KEY_BYTES:
+            raise ValueError(f"a provider key is 1..{KAD_MAX_PROVIDER_KEY_BYTES} bytes")
+        sent = await self.provider_store.provide(key)
+        self.provider_store.providing_keys.discard(key)
+        return sent
+
+    def stop_providing(self, key: bytes) -> None:
+        """Withdraw our own provider record for `key` (peers keep theirs until it expires)."""
+        store = self.provider_store
+        store.providing_keys.discard(key)
+        records = store.providers.get(key)
+        if records is not None:
+            records.pop(str(self.local_peer_id), None)
+            if not records:
+                del store.providers[key]
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        """Validate, store here and at the closest peers; refuses keys no peer would serve
+        (defect 18) and, with ``ValueError``, a value older than the one held here."""
+        if len(key.encode()) > KAD_MAX_VALUE_KEY_BYTES:
+            raise ValueError(f"a value key is at most {KAD_MAX_VALUE_KEY_BYTES} bytes")
+        await super().put_value(key, value)
+
+    async def find_providers_of(self, key: bytes, count: int = BUCKET_SIZE) -> list[PeerInfo]:
+        """Up to `count` other peers providing `key`, each once: the closest peers to the
+        key are asked even when the local store knows some already (defect 14)."""
+        found: dict[ID, PeerInfo] = {}
+
+        def add(providers: Iterable[PeerInfo]) -> None:
+            for provider in providers:
+                if provider.peer_id != self.local_peer_id and len(found) < count:
+                    found.setdefault(provider.peer_id, provider)
+
+        add(self.provider_store.get_providers(key))
+
+        async def ask(peer: ID) -> list[ID]:
+            store = self.provider_store
+            providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
+            for provider in providers:
+                store.add_provider(key, provider)  # cached and served, as the library does
+            add(providers)
+            return closer
+
+        await self._walk(key, ask, lambda: len(found) >= count)
+        return list(found.values())
+
+    async def get_newest_value(self, key: str) -> bytes | None:
+        """The value the validator selects among ours and every valid one the closest
+        peers hold (defect 15); peers holding an older one, and we, are given it."""
+        key_bytes = key.encode()
+        if len(key_bytes) > KAD_MAX_VALUE_KEY_BYTES:
+            raise ValueError(f"a value key is at most {KAD_MAX_VALUE_KEY_BYTES} bytes")
+        validator = cast(NamespacedValidator, self.validator)
+        answers: dict[ID, Record] = {}
+
+        async def ask(peer: ID) -> list[ID]:
+            answer = await self.value_store._get_from_peer(
+                peer, key_bytes, return_record=True, return_closer_peers=True
+            )
+            record, closer = cast(tuple[Record | None, list[ID]], answer)
+            if record is not None:
+                try:
+                    validator.validate(key, record.value)
+                except Exception as exc:  # validators raise whatever they like
+                    log.debug("%s sent an invalid value for %s: %s", peer, key, exc)
+                else:
+                    answers[peer] = record
+            return closer
+
+        await self._walk(key_bytes, ask, lambda: False)
+        local = self.value_store.get(key_bytes)
+        candidates = [*([local] if local is not None else []), *answers.values()]
+        if not candidates:
+            return None
+        best = candidates[validator.select(key, [record.value for record in candidates])]
+        if local is None or local.value != best.value:
+            self.value_store.put_record(key_bytes, best)
+        outdated = [peer for peer, record in answers.items() if record.value != best.value]
+        async with trio.open_nursery() as nursery:
+            for peer in outdated:
+                nursery.start_soon(self._correct, peer, key_bytes, best)
+        return best.value
+
+    async def _correct(self, peer: ID, key: bytes, record: Record) -> None:
+        with trio.move_on_after(QUERY_TIMEOUT):
+            await self.value_store._store_at_peer(peer, key, record.value, record=record)
+
+    async def _walk(
+        self, key: bytes, ask: Callable[[ID], Awaitable[list[ID]]], done: Callable[[], bool]
+    ) -> None:
+        """Ask the peers closest to `key`, `ALPHA` at a time, learning closer peers from
+        each answer, until `done()` or the `BUCKET_SIZE` closest known were all asked."""
+        known = list(await self.peer_routing.find_closest_peers_network(key))
+        asked = {self.local_peer_id}
+
+        async def ask_one(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                for closer in await ask(peer):
+                    if closer not in known:
+                        known.append(closer)
+
+        while not done():
+            closest = sort_peer_ids_by_distance(key, known)[:BUCKET_SIZE]
+            batch = [peer for peer in closest if peer not in asked][:ALPHA]
+            if not batch:
+                return
+            asked.update(batch)
+            async with trio.open_nursery() as nursery:
+                for peer in batch:
+                    nursery.start_soon(ask_one, peer)
+
+
 # --- logging (defect 10) ---------------------------------------------------------------
 
 # WARNING/ERROR messages py-libp2p emits for connections and streams ending normally.
@@ -674,6 +916,7 @@ _ORDINARY = re.compile(
             r"Identify .*(failed|error)",
             r"Failed to open TCP stream",
             r"Stream entered",
+            r"Failed to read DHT message from stream: $",  # the peer closed it (defect 18)
         ]
     )
 )

@@ -1,7 +1,7 @@
 """Content-defined chunking: one streaming pass gives a blob's sha256 and its chunk list.
 
 The whole-blob sha256 runs on a thread of its own, the FastCDC cut points are found
-in the calling thread, and the per-chunk sha256s run on a second worker; hashlib
+in the calling thread, and the per-chunk sha256s run on two workers; hashlib
 releases the GIL on large buffers, so on two cores the two hash passes overlap
 instead of adding up. The file is memory-mapped in windows: no copies, and memory
 bounded whatever the blob size.
@@ -136,7 +136,7 @@ def index_file(
     chunks: list[ChunkRef] = []
     chunker = params.chunker()
     try:
-        with open(path, "rb") as f, ThreadPoolExecutor(1, "dmm-chunk-hash") as pool:
+        with open(path, "rb") as f, ThreadPoolExecutor(2, "dmm-chunk-hash") as pool:
             start = 0  # the first byte not yet in a complete chunk
             while start < size:
                 offset, m = _map_window(f.fileno(), start, size)

@@ -366,7 +366,7 @@ ERRORS: list[tuple[str, str, str]] = [
     ),
     ('[network]\nmdns = "yes"\n', "network.mdns", 'expected true or false, got string "yes"'),
     ('[api]\nlisten = "127.0.0.1"\n', "api.listen", "is not host:port"),
-    ('[api]\nlisten = "127.0.0.1:0"\n', "api.listen", "port must be 1..65535"),
+    ('[api]\nlisten = "127.0.0.1:65536"\n', "api.listen", "port must be 0..65535"),
     ('[api]\nlisten = "::1:80"\n', "api.listen", "needs brackets"),
     ('[api]\nupstream = "localhost:11434"\n', "api.upstream", "is not an http(s) URL"),
     ('[api]\nupstream = "ftp://host/"\n', "api.upstream", "is not an http(s) URL"),

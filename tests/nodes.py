@@ -1,0 +1,37 @@
+"""Helpers for tests that start real nodes: configs in temp dirs, loopback, free ports."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+from node.config import Config, load_config
+from node.daemon import Node, open_node
+
+
+def node_config(root: Path, name: str, bootstrap: Sequence[str] = (), extra: str = "") -> Config:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    boot = ", ".join(f'"{addr}"' for addr in bootstrap)
+    path = folder / "node.toml"
+    path.write_text(
+        f'[node]\nname = "{name}"\ndata_dir = "data"\n'
+        f'[storage]\nmodels_dir = "models"\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\n'
+        f'[api]\nlisten = "127.0.0.1:0"\n'
+        f"{extra}"
+    )
+    return load_config(path)
+
+
+@asynccontextmanager
+async def open_chain(root: Path, count: int) -> AsyncIterator[list[Node]]:
+    """``count`` nodes in a line: each bootstraps only from the one before it."""
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(count):
+            boot = [nodes[-1].host.listen_addrs[0]] if nodes else []
+            config = node_config(root, f"n{i}", boot)
+            nodes.append(await stack.enter_async_context(open_node(config)))
+        yield nodes
