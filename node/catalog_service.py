@@ -77,6 +77,7 @@ from storage.ollama_store import StoredManifest
 from storage.store import ModelNotFound, ModelStore
 
 __all__ = [
+    "CATALOG_PROTOCOL",
     "PROTOCOL_ID",
     "CatalogClient",
     "CatalogError",
@@ -88,6 +89,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("dmm.catalog")
+
+# The protocol id under the name the node registers it by.
+CATALOG_PROTOCOL = PROTOCOL_ID
 
 _T = TypeVar("_T")
 
@@ -169,7 +173,8 @@ class StoreCatalogSource:
         return [r.encode() for r in records]
 
     def manifest(self, name_or_digest: str) -> tuple[str, bytes] | None:
-        if name_or_digest.startswith("sha256"):
+        # The protocol's rule (GetManifest.digest): digest-shaped text is always a digest.
+        if name_or_digest.startswith(("sha256:", "sha256-")):
             return self._manifest_by_digest(parse_digest(name_or_digest))
         try:
             stored = self._stored(parse_model_name(name_or_digest))

@@ -17,7 +17,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
 from node.catalog_service import (
-    PROTOCOL_ID,
+    CATALOG_PROTOCOL,
     CatalogError,
     CatalogServer,
     ModelListResult,
@@ -74,7 +74,7 @@ async def two_hosts(server: CatalogServer) -> AsyncIterator[tuple[P2PHost, P2PHo
         open_host(create_new_key_pair(), [LOOPBACK]) as server_host,
         open_host(create_new_key_pair(), [LOOPBACK]) as client_host,
     ):
-        server_host.set_stream_handler(PROTOCOL_ID, server.handle)
+        server_host.set_stream_handler(CATALOG_PROTOCOL, server.handle)
         await client_host.connect(server_host.listen_addrs[0])
         yield server_host, client_host
 
@@ -195,6 +195,11 @@ async def test_unknown_names_are_not_found_and_the_stream_goes_on(
             assert {versions.value.code, by_name.value.code, by_digest.value.code} == {"not-found"}
             assert names(await catalog.list_models("mistral")) == {"mistral:q4"}
 
+            # An error leaving the client's block arrives as itself, not in a group.
+            with pytest.raises(CatalogError, match="not-found"):
+                async with open_catalog_client(client_host, server_host.peer_id) as again:
+                    await again.get_manifest("nosuchmodel")
+
 
 # ----------------------------------------------------------------- pipelining
 
@@ -297,7 +302,7 @@ async def test_garbage_gets_an_error_and_the_server_keeps_serving(
     server = CatalogServer(source)
     with trio.fail_after(20):
         async with two_hosts(server) as (server_host, client_host):
-            raw = await client_host.open_stream(server_host.peer_id, PROTOCOL_ID)
+            raw = await client_host.open_stream(server_host.peer_id, CATALOG_PROTOCOL)
             decoder = FrameDecoder(2 * 1024 * 1024)
 
             # A well-framed request of no known type: answered, the stream goes on.
@@ -415,7 +420,7 @@ async def test_a_broken_stream_fails_pending_requests(source: StoreCatalogSource
 
     with trio.fail_after(20):
         async with two_hosts(CatalogServer(source)) as (server_host, client_host):
-            server_host.set_stream_handler(PROTOCOL_ID, reset_after_first_bytes)
+            server_host.set_stream_handler(CATALOG_PROTOCOL, reset_after_first_bytes)
             async with open_catalog_client(client_host, server_host.peer_id) as catalog:
                 with pytest.raises(trio.BrokenResourceError):
                     await catalog.list_models("*")
@@ -426,6 +431,6 @@ async def test_a_broken_stream_fails_pending_requests(source: StoreCatalogSource
 async def test_an_idle_stream_is_ended_by_the_server(source: StoreCatalogSource) -> None:
     with trio.fail_after(20):
         async with two_hosts(CatalogServer(source, idle_timeout=0.2)) as (server_host, client):
-            raw = await client.open_stream(server_host.peer_id, PROTOCOL_ID)
+            raw = await client.open_stream(server_host.peer_id, CATALOG_PROTOCOL)
             assert await raw.receive_some() == b""  # nothing owed, so a clean end
             await raw.aclose()

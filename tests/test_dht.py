@@ -1,0 +1,265 @@
+"""Tests for node/dht.py: real hosts on 127.0.0.1 running our Kademlia in one trio process.
+
+Latencies are printed (run with ``-s``) for information, never asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import nacl.signing
+import pytest
+import trio
+import trio.testing
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.kad_dht import provider_store
+from libp2p.records.validator import Validator
+from libp2p.tools.anyio_service import background_trio_service
+
+from node.dht import Dht, ProviderInfo, provider_key_bytes
+from node.p2p import KadDht, P2PHost, open_host
+from protocols.catalog import index_key_for_glob, index_keys_for_name
+from protocols.errors import LocalProtocolError
+from protocols.records import VersionRecord, hlc_pack, version_key
+
+LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+MODEL = "registry.ollama.ai/library/llama3"
+HLC = hlc_pack(1_700_000_000_000, 0)
+
+
+@dataclasses.dataclass
+class Node:
+    host: P2PHost
+    dht: Dht
+
+    @property
+    def peer_id(self) -> str:
+        return self.host.peer_id
+
+
+@asynccontextmanager
+async def dht_nodes(count: int, **kwargs: float) -> AsyncIterator[list[Node]]:
+    """`count` hosts, each running a started `Dht`; nothing connected yet."""
+    async with AsyncExitStack() as stack:
+        hosts = [
+            await stack.enter_async_context(open_host(create_new_key_pair(), [LOOPBACK]))
+            for _ in range(count)
+        ]
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(nursery.cancel_scope.cancel)
+        nodes = []
+        for host in hosts:
+            dht = Dht(host, **kwargs)  # type: ignore[arg-type]
+            await nursery.start(dht.run)
+            nodes.append(Node(host, dht))
+        yield nodes
+
+
+async def link(a: Node, b: Node) -> None:
+    """Connect a and b and put each in the other's routing table.
+
+    Both sides dial: the dial is what teaches a host the other's listen address (the
+    second one reuses the connection).
+    """
+    await a.host.connect(b.host.listen_addrs[0])
+    await b.host.connect(a.host.listen_addrs[0])
+    assert await a.dht.add_peer(b.peer_id)
+    assert await b.dht.add_peer(a.peer_id)
+
+
+def record(
+    signing_key: nacl.signing.SigningKey,
+    *,
+    model: str = MODEL,
+    tag: str = "latest",
+    hlc: int = HLC,
+    content: bytes = b"manifest",
+) -> VersionRecord:
+    return VersionRecord.sign(
+        model=model,
+        tag=tag,
+        manifest_digest="sha256:" + hashlib.sha256(content).hexdigest(),
+        size=len(content),
+        parents=(),
+        hlc=hlc,
+        signing_key=signing_key,
+    )
+
+
+def ids(providers: list[ProviderInfo]) -> list[str]:
+    return [provider.peer_id for provider in providers]
+
+
+async def test_five_nodes_provide_and_find() -> None:
+    """One node provides a model key and its index keys; another finds it, listed once."""
+    with trio.fail_after(30):
+        async with dht_nodes(5) as nodes:
+            hub, provider, *_, finder = nodes
+            for node in nodes[1:]:
+                await link(node, hub)
+            for node in nodes:
+                await node.dht.refresh()
+            assert all(node.dht.routing_table_size() == 4 for node in nodes)
+
+            keys = ["/dmm/model/llama3", *index_keys_for_name("llama3")]
+            start = time.perf_counter()
+            for key in keys:
+                assert await provider.dht.provide(key)
+            provided = (time.perf_counter() - start) / len(keys)
+            start = time.perf_counter()
+            found = await finder.dht.find_providers("/dmm/model/llama3")
+            print(
+                f"\nprovide {provided * 1000:.0f} ms/key, find {1000 * (time.perf_counter() - start):.0f} ms"
+            )
+            assert ids(found) == [provider.peer_id]
+            (addr,) = found[0].addrs
+            assert addr == provider.host.listen_addrs[0]
+            assert ids(await finder.dht.find_providers(index_key_for_glob("lla*"))) == [
+                provider.peer_id
+            ]
+            assert ids(await finder.dht.find_providers(index_key_for_glob("*"))) == [
+                provider.peer_id
+            ]
+            assert await finder.dht.find_providers("/dmm/model/nobody-has-this") == []
+            # A provider does not list itself; a second provider is listed too.
+            assert await provider.dht.find_providers("/dmm/model/llama3") == []
+            assert await finder.dht.provide("/dmm/model/llama3")
+            found = await nodes[2].dht.find_providers("/dmm/model/llama3")
+            assert sorted(ids(found)) == sorted([provider.peer_id, finder.peer_id])
+
+
+async def test_three_hops_find_provider_and_version() -> None:
+    """A-B-C-D in a line: A's routing table lacks D, yet A finds D's provider record and
+    D's version record through B and C."""
+    signing_key = nacl.signing.SigningKey.generate()
+    with trio.fail_after(30):
+        async with dht_nodes(4) as (a, b, c, d):
+            # The library refreshes each routing table once when its service starts:
+            # let that finish while every node is alone.
+            await trio.testing.wait_all_tasks_blocked()
+            # D, still alone, keeps both records to itself.
+            assert not await d.dht.provide("/dmm/model/deep")
+            deep = record(signing_key, model="registry.ollama.ai/library/deep")
+            assert await d.dht.put_version(deep)
+            await link(a, b)
+            await link(b, c)
+            await link(c, d)
+            assert a.dht.routing_table_peers() == [b.peer_id]
+            assert d.peer_id not in a.host.connected_peers()
+
+            start = time.perf_counter()
+            assert ids(await a.dht.find_providers("/dmm/model/deep")) == [d.peer_id]
+            found = time.perf_counter() - start
+            start = time.perf_counter()
+            assert await a.dht.get_version(deep.model, deep.tag) == deep
+            print(
+                f"\n3 hops: find {found * 1000:.0f} ms, get {1000 * (time.perf_counter() - start):.0f} ms"
+            )
+            assert d.peer_id in a.dht.routing_table_peers()
+
+
+class AcceptAnything(Validator):
+    def validate(self, key: str, value: bytes) -> None:
+        pass
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return 0
+
+
+async def test_version_records_are_validated_by_the_nodes_that_store_them() -> None:
+    """A rogue node that skips validation puts a badly signed record and a record under
+    another model's key: every honest node refuses them, so neither can be fetched.
+    Of two valid records the newest wins, whichever order they were put in."""
+    author = nacl.signing.SigningKey.generate()
+    old = record(author, hlc=hlc_pack(1_700_000_000_000, 0), content=b"v1")
+    new = record(author, hlc=hlc_pack(1_700_000_000_001, 0), content=b"v2")
+    forged = dataclasses.replace(new, signature=bytes(64))
+    other = record(author, model="registry.ollama.ai/library/other", content=b"x")
+    with trio.fail_after(40):
+        async with dht_nodes(4) as honest, AsyncExitStack() as stack:
+            rogue_host = await stack.enter_async_context(
+                open_host(create_new_key_pair(), [LOOPBACK])
+            )
+            rogue = KadDht(rogue_host, {"dmm": AcceptAnything()})
+            await stack.enter_async_context(background_trio_service(rogue))
+            for node in honest[1:]:
+                await link(node, honest[0])
+            for node in honest:
+                await rogue_host.connect(node.host.listen_addrs[0])
+                await node.host.connect(rogue_host.listen_addrs[0])
+                await node.dht.add_peer(rogue_host.peer_id)
+            for node in honest:
+                await node.dht.refresh()
+
+            key = version_key(MODEL, "latest")
+            await rogue.put_value(key, forged.encode())
+            await rogue.put_value(key, other.encode())
+            await rogue.put_value("/dmm/model/llama3", b"not a version record")
+            for node in honest:
+                assert node.dht._kad.value_store.get(key.encode()) is None
+                assert node.dht._kad.value_store.get(b"/dmm/model/llama3") is None
+            # The rogue still serves its forgery; the getter validates every answer.
+            assert await honest[1].dht.get_version(MODEL, "latest") is None
+
+            assert await honest[1].dht.put_version(old)
+            assert await honest[2].dht.put_version(new)
+            assert await honest[3].dht.get_version(MODEL, "latest") == new
+            # Putting the older one again: refused here, and by every node that stores it.
+            assert not await honest[1].dht.put_version(old)
+            await rogue.put_value(key, old.encode())
+            for node in honest:
+                assert await node.dht.get_version(MODEL, "latest") == new
+
+            with pytest.raises(LocalProtocolError):
+                await honest[0].dht.put_version(forged)
+            long_model = "registry.ollama.ai/library/" + "m" * 120
+            with pytest.raises(ValueError, match="at most 128"):
+                await honest[0].dht.put_version(record(author, model=long_model))
+            with pytest.raises(ValueError, match="at most 128"):
+                await honest[0].dht.get_version(long_model, "latest")
+
+
+async def test_reprovide_outlives_the_provider_record_ttl(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Provider records expire on the wall clock (48 h, a module constant): with it cut
+    to 1 s, a key re-provided every 0.2 s stays findable after 1.5 s while one
+    unprovided at the start is gone everywhere."""
+    ttl = 1.0
+    monkeypatch.setattr(provider_store, "PROVIDER_RECORD_EXPIRATION_INTERVAL", ttl)
+    with trio.fail_after(30):
+        async with dht_nodes(3, reprovide_interval=0.2) as (provider, hub, finder):
+            await link(provider, hub)
+            await link(finder, hub)
+            await provider.dht.refresh()
+            await finder.dht.refresh()
+            kad = provider.dht._kad
+            calls: list[tuple[float, bytes]] = []
+            enough = trio.Event()
+            provide_key = kad.provide_key
+
+            async def counting_provide_key(key: bytes) -> bool:
+                sent = await provide_key(key)
+                calls.append((time.monotonic(), key))
+                if time.monotonic() - started > 1.5 * ttl:
+                    enough.set()
+                return sent
+
+            monkeypatch.setattr(kad, "provide_key", counting_provide_key)
+            started = time.monotonic()
+            assert await provider.dht.provide("/dmm/model/kept")
+            assert await provider.dht.provide("/dmm/model/dropped")
+            assert ids(await finder.dht.find_providers("/dmm/model/dropped")) == [provider.peer_id]
+            provider.dht.unprovide("/dmm/model/dropped")
+            await enough.wait()
+
+            kept = provider_key_bytes("/dmm/model/kept")
+            assert {key for _, key in calls} == {kept, provider_key_bytes("/dmm/model/dropped")}
+            assert len([key for _, key in calls if key == kept]) >= 5
+            assert provider.dht.stats.reprovides >= 4
+            assert provider.dht.provided_keys() == ["/dmm/model/kept"]
+            assert ids(await finder.dht.find_providers("/dmm/model/kept")) == [provider.peer_id]
+            assert await finder.dht.find_providers("/dmm/model/dropped") == []
+            assert await hub.dht.find_providers("/dmm/model/dropped") == []
