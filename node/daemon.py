@@ -8,6 +8,7 @@ records (DHT values and gossip), keeps reconnecting to its bootstrap peers, and 
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import time
@@ -31,6 +32,7 @@ from node.dht import Dht
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
 from node.local import open_store
+from node.mdns import MdnsDiscovery
 from node.p2p import P2PError, P2PHost, open_host
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
@@ -120,10 +122,14 @@ class Node:
             self.host.set_stream_handler(CATALOG_PROTOCOL, self.catalog.handle)
             api = self.config.api
             self.api_urls = await nursery.start(
-                serve_http, build_router(self), api.host, api.port, shutdown=self.shutdown
+                functools.partial(
+                    serve_http, build_router(self), api.host, api.port, shutdown=self.shutdown
+                )
             )
             for addr in self.config.network.bootstrap:
                 nursery.start_soon(self._keep_connected, addr)
+            if self.config.network.mdns:
+                await nursery.start(MdnsDiscovery(self.host, self._on_lan_peer).run)
             nursery.start_soon(self._publish_store_at_start)
             log.info(
                 "node %s up: p2p %s, api %s",
@@ -161,6 +167,11 @@ class Node:
                     delay = min(delay * 2, BOOTSTRAP_BACKOFF_MAX)
                     continue
             await trio.sleep(BOOTSTRAP_CHECK_INTERVAL)
+
+    async def _on_lan_peer(self, peer_id: str, addrs: list[str]) -> None:
+        await self.dht.add_peer(peer_id)
+        await self.dht.refresh()
+        log.info("found LAN peer %s by mDNS", peer_id)
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -241,7 +252,11 @@ class Node:
             "models": len(models),
             "published": len(self._published),
             "uptime": round(trio.current_time() - self.started_at, 3),
-            "gossip": self.announcer.stats_json(),
+            "gossip": {
+                "published": self.announcer.stats.published,
+                "received": self.announcer.stats.received,
+                "dropped_bad": self.announcer.stats.dropped_bad,
+            },
         }
 
     async def find(self, glob: str, *, timeout: float = 10.0) -> dict[str, Any]:

@@ -17,10 +17,12 @@ Keys (DESIGN.md, "Discovery keys"):
   refused. Peers serve keys of at most 128 bytes (`KAD_MAX_VALUE_KEY_BYTES`): a version
   key longer than that raises ``ValueError`` here rather than being stored unreachable.
 
-Provider records expire `PROVIDER_RECORD_TTL` (48 h, wall clock) after they were stored.
-`Dht` remembers the keys it provides and re-provides all of them every
-``reprovide_interval`` (default: half the TTL). Provides are paced on trio's clock,
-below what receivers accept from one peer (`KAD_ADD_PROVIDER_LIMIT` per window).
+Provider records expire `PROVIDER_RECORD_TTL` (48 h, wall clock) after they were stored,
+values `VALUE_RECORD_TTL` (24 h) after. `Dht` remembers the keys it provides and the
+records it put, and re-provides every ``reprovide_interval`` (default: half the provider
+TTL) and puts again every ``reput_interval`` (default: half the value TTL). Provides are
+paced on trio's clock, below what receivers accept from one peer
+(`KAD_ADD_PROVIDER_LIMIT` per window).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from .p2p import (
     KAD_MAX_VALUE_KEY_BYTES,
     KAD_PROTOCOL_ID,
     KAD_PROVIDER_RECORD_TTL,
+    KAD_VALUE_RECORD_TTL,
     KadDht,
     P2PHost,
 )
@@ -59,8 +62,10 @@ __all__ = [
     "DEFAULT_PROVIDE_BURST",
     "DEFAULT_PROVIDE_RATE",
     "DEFAULT_REPROVIDE_INTERVAL",
+    "DEFAULT_REPUT_INTERVAL",
     "NAMESPACE",
     "PROVIDER_RECORD_TTL",
+    "VALUE_RECORD_TTL",
     "Dht",
     "DhtStats",
     "ProviderInfo",
@@ -73,6 +78,8 @@ log = logging.getLogger("dmm.dht")
 NAMESPACE = "dmm"
 PROVIDER_RECORD_TTL = KAD_PROVIDER_RECORD_TTL
 DEFAULT_REPROVIDE_INTERVAL = PROVIDER_RECORD_TTL / 2
+VALUE_RECORD_TTL = KAD_VALUE_RECORD_TTL
+DEFAULT_REPUT_INTERVAL = VALUE_RECORD_TTL / 2
 # Each provide sends one ADD_PROVIDER to each of the closest peers; over any window a
 # peer sees at most burst + rate * window of them, well under what it accepts.
 DEFAULT_PROVIDE_RATE = 10.0
@@ -103,6 +110,7 @@ class DhtStats:
     provides: int = 0  # `provide` calls that reached the network step
     reprovides: int = 0  # keys provided again by the re-provide loop
     reprovide_rounds: int = 0
+    reputs: int = 0  # version records put again by the re-put loop
 
 
 class _VersionRecordValidator(Validator):
@@ -140,8 +148,8 @@ class Dht:
     """The node's DHT service: start ``run`` with ``nursery.start``.
 
     The DHT protocol is served from construction on; ``run`` adds the library's
-    maintenance (routing-table refresh every 10 minutes, republishing values we put)
-    and our re-providing. All methods may be called once ``run`` has started.
+    maintenance (a routing-table refresh every 10 minutes, expiry) and our re-providing
+    and re-putting. All methods may be called once ``run`` has started.
     """
 
     def __init__(
@@ -149,11 +157,14 @@ class Dht:
         host: P2PHost,
         *,
         reprovide_interval: float = DEFAULT_REPROVIDE_INTERVAL,
+        reput_interval: float = DEFAULT_REPUT_INTERVAL,
         provide_rate: float = DEFAULT_PROVIDE_RATE,
         provide_burst: int = DEFAULT_PROVIDE_BURST,
     ) -> None:
         if not 0 < reprovide_interval < PROVIDER_RECORD_TTL:
             raise ValueError("reprovide_interval must be between 0 and the provider TTL")
+        if not 0 < reput_interval < VALUE_RECORD_TTL:
+            raise ValueError("reput_interval must be between 0 and the value TTL")
         if provide_rate <= 0 or provide_burst < 1:
             raise ValueError("provide_rate must be > 0 and provide_burst >= 1")
         if provide_burst + provide_rate * KAD_ADD_PROVIDER_WINDOW > KAD_ADD_PROVIDER_LIMIT:
@@ -164,15 +175,19 @@ class Dht:
         self._host = host
         self._kad = KadDht(host, {NAMESPACE: _VersionRecordValidator()})
         self._reprovide_interval = reprovide_interval
+        self._reput_interval = reput_interval
         self._pacer = _Pacer(provide_rate, provide_burst)
         # Key text -> key bytes, for every key we provide until `unprovide`.
         self._provided: dict[str, bytes] = {}
+        # Version key -> the record we last put under it, until a newer one shows up.
+        self._put: dict[str, VersionRecord] = {}
         self._reprovide_requested = trio.Event()
         self.stats = DhtStats()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self._kad), trio.open_nursery() as nursery:
             nursery.start_soon(self._reprovide_loop)
+            nursery.start_soon(self._reput_loop)
             log.info("DHT serving %s on %s", KAD_PROTOCOL_ID, self._host.peer_id)
             task_status.started()
 
@@ -315,15 +330,35 @@ class Dht:
             validate_record_key(key, value)
         except RemoteProtocolError as exc:
             raise LocalProtocolError(f"cannot put {record.name}: {exc}") from None
-        try:
-            await self._kad.put_value(key, value)
-        except ValueError as exc:  # the only one left: a newer value is held here
-            log.info("did not put %s by %s: %s", record.name, record.author, exc)
+        if not await self._put_value(key, record):
+            self._put.pop(key, None)
             return False
+        self._put[key] = record
         log.info(
             "put version %s %s by %s", record.name, record.version_id.hex()[:16], record.author
         )
         return True
+
+    async def _put_value(self, key: str, record: VersionRecord) -> bool:
+        try:
+            await self._kad.put_value(key, record.encode())
+        except ValueError as exc:  # the only one left once validated: a newer one is here
+            log.info("did not put %s by %s: %s", record.name, record.author, exc)
+            return False
+        return True
+
+    async def _reput_loop(self) -> None:
+        while True:
+            await trio.sleep(self._reput_interval)
+            records = list(self._put.items())
+            for key, record in records:
+                if self._put.get(key) is not record:
+                    continue
+                if not await self._put_value(key, record):
+                    self._put.pop(key, None)
+                self.stats.reputs += 1
+            if records:
+                log.info("put %d version records again", len(records))
 
     async def get_version(self, model_full: str, tag: str) -> VersionRecord | None:
         """The newest valid record for ``model_full:tag`` held here or by the closest

@@ -64,6 +64,12 @@ The Kademlia DHT (`KadDht`, a ``KadDHT`` with these handled):
     (`KAD_MAX_PROVIDER_KEY_BYTES`), ``GET_VALUE`` keys at 128 (`KAD_MAX_VALUE_KEY_BYTES`);
     a longer value key can be stored but never fetched, so `KadDht` refuses it.
     Every DHT stream the peer closes is logged at WARNING (defect 10 covers it).
+19. The ``FIND_NODE`` handler refuses a key that is neither a multihash nor at most 50
+    bytes, so the library's closest-peer lookup for a longer text key (every
+    ``/dmm/version/`` key) never leaves the local routing table: `KadDht` walks values
+    with ``GET_VALUE``, whose answers name closer peers (and their addresses) too.
+    ``GET_PROVIDERS`` answers drop the closer peers' addresses, so provider lookups
+    (multihash keys, fine for ``FIND_NODE``) find the closest peers first.
 """
 
 from __future__ import annotations
@@ -85,7 +91,7 @@ from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.abc import ReadWriteCloser
-from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, QUERY_TIMEOUT
+from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, DEFAULT_TTL, QUERY_TIMEOUT
 from libp2p.kad_dht.common import PROTOCOL_ID as _LIBRARY_KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
@@ -129,6 +135,7 @@ __all__ = [
     "KAD_MAX_VALUE_KEY_BYTES",
     "KAD_PROTOCOL_ID",
     "KAD_PROVIDER_RECORD_TTL",
+    "KAD_VALUE_RECORD_TTL",
     "NOISE_PROTOCOL_ID",
     "YAMUX_FRAME_BYTES",
     "YAMUX_PROTOCOL_ID",
@@ -689,7 +696,7 @@ async def open_host(
                 await p2p_host._close_connections()
 
 
-# --- Kademlia DHT (defects 12-18) ------------------------------------------------------
+# --- Kademlia DHT (defects 12-19) ------------------------------------------------------
 
 # Defect 12: the protocol dmm's DHT speaks, so it never mixes with the IPFS DHT.
 KAD_PROTOCOL_ID = "/dmm/kad/1.0.0"
@@ -699,6 +706,9 @@ KAD_MAX_VALUE_KEY_BYTES = 128
 # A provider record is dropped this long after it was stored (wall clock, not
 # configurable): providers must re-provide before then.
 KAD_PROVIDER_RECORD_TTL: float = PROVIDER_RECORD_EXPIRATION_INTERVAL
+# A stored value is dropped this long after it was stored (wall clock): whoever put it
+# puts it again before then.
+KAD_VALUE_RECORD_TTL: float = DEFAULT_TTL
 # Defect 16: ADD_PROVIDER messages we accept from one peer per window (library: 10).
 KAD_ADD_PROVIDER_WINDOW = 10.0
 KAD_ADD_PROVIDER_LIMIT = 300
@@ -753,12 +763,12 @@ class _KadHost:
 
 
 class KadDht(KadDHT):
-    """py-libp2p's server-mode ``KadDHT`` with defects 12-18 handled.
+    """py-libp2p's server-mode ``KadDHT`` with defects 12-19 handled.
 
     Keys are bytes for providers and text (``/<namespace>/...``) for values. Only the
     namespaces in `validators` are stored or accepted, locally and from peers. Run it
-    with ``background_trio_service``. The ``provide``/``find_providers``/``get_value``
-    methods it inherits keep the library's defects: use the ones defined here.
+    with ``background_trio_service``. The inherited ``provide``, ``find_providers`` and
+    ``get_value`` keep the library's defects: use the methods defined here.
     """
 
     def __init__(self, host: P2PHost, validators: Mapping[str, Validator]) -> None:
@@ -774,11 +784,18 @@ class KadDht(KadDHT):
         self._provider_rate_window = KAD_ADD_PROVIDER_WINDOW
         self._provider_rate_max = KAD_ADD_PROVIDER_LIMIT
 
+    @property
+    def _validator(self) -> NamespacedValidator:
+        return cast(NamespacedValidator, self.validator)
+
+    # ---------------------------------------------------------------- providers
+
     async def provide_key(self, key: bytes) -> bool:
         """Record us as a provider of `key` here and at the closest peers, once.
 
         True if at least one peer was told. The caller re-provides before
-        `KAD_PROVIDER_RECORD_TTL` passes (defect 17).
+        `KAD_PROVIDER_RECORD_TTL` passes (defect 17). Keys that are not a multihash
+        must be at most 50 bytes for the closest-peer lookup to work (defect 19).
         """
         if not 0 < len(key) <= KAD_MAX_PROVIDER_KEY_BYTES:
             raise ValueError(f"a provider key is 1..{KAD_MAX_PROVIDER_KEY_BYTES} bytes")
@@ -795,13 +812,6 @@ class KadDht(KadDHT):
             records.pop(str(self.local_peer_id), None)
             if not records:
                 del store.providers[key]
-
-    async def put_value(self, key: str, value: bytes) -> None:
-        """Validate, store here and at the closest peers; refuses keys no peer would serve
-        (defect 18) and, with ``ValueError``, a value older than the one held here."""
-        if len(key.encode()) > KAD_MAX_VALUE_KEY_BYTES:
-            raise ValueError(f"a value key is at most {KAD_MAX_VALUE_KEY_BYTES} bytes")
-        await super().put_value(key, value)
 
     async def find_providers_of(self, key: bytes, count: int = BUCKET_SIZE) -> list[PeerInfo]:
         """Up to `count` other peers providing `key`, each once: the closest peers to the
@@ -823,38 +833,53 @@ class KadDht(KadDHT):
             add(providers)
             return closer
 
-        await self._walk(key, ask, lambda: len(found) >= count)
+        # GET_PROVIDERS answers drop the closer peers' addresses: find them first.
+        seed = await self.peer_routing.find_closest_peers_network(key)
+        await self._walk(key, ask, lambda: len(found) >= count, seed)
         return list(found.values())
+
+    # ------------------------------------------------------------------- values
+
+    async def put_value(self, key: str, value: bytes) -> None:
+        """Validate, store here and at the peers closest to `key` (defect 19).
+
+        Raises ``ValueError`` for a key no peer would serve (defect 18) or a value older
+        than the one held here, and whatever the namespace's validator raises.
+        """
+        key_bytes = _value_key_bytes(key)
+        self._validator.validate(key, value)
+        held = self.value_store.get(key_bytes)
+        newer_held = (
+            held is not None
+            and held.value != value
+            and self._validator.select(key, [value, held.value]) != 0
+        )
+        if newer_held:
+            raise ValueError(f"a newer value for {key} is held here")
+        self.value_store.put(key_bytes, value)
+        stored = [0]
+
+        async def store_at(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                stored[0] += await self.value_store._store_at_peer(peer, key_bytes, value)
+
+        closest = await self._walk(key_bytes, self._value_asker(key, {}), lambda: False)
+        async with trio.open_nursery() as nursery:
+            for peer in closest[:BUCKET_SIZE]:
+                nursery.start_soon(store_at, peer)
+        log.debug("%s stored by %d of %d peers", key, stored[0], min(len(closest), BUCKET_SIZE))
 
     async def get_newest_value(self, key: str) -> bytes | None:
         """The value the validator selects among ours and every valid one the closest
-        peers hold (defect 15); peers holding an older one, and we, are given it."""
-        key_bytes = key.encode()
-        if len(key_bytes) > KAD_MAX_VALUE_KEY_BYTES:
-            raise ValueError(f"a value key is at most {KAD_MAX_VALUE_KEY_BYTES} bytes")
-        validator = cast(NamespacedValidator, self.validator)
+        peers hold (defects 15, 19); peers holding an older one, and we, are given it."""
+        key_bytes = _value_key_bytes(key)
         answers: dict[ID, Record] = {}
-
-        async def ask(peer: ID) -> list[ID]:
-            answer = await self.value_store._get_from_peer(
-                peer, key_bytes, return_record=True, return_closer_peers=True
-            )
-            record, closer = cast(tuple[Record | None, list[ID]], answer)
-            if record is not None:
-                try:
-                    validator.validate(key, record.value)
-                except Exception as exc:  # validators raise whatever they like
-                    log.debug("%s sent an invalid value for %s: %s", peer, key, exc)
-                else:
-                    answers[peer] = record
-            return closer
-
-        await self._walk(key_bytes, ask, lambda: False)
+        await self._walk(key_bytes, self._value_asker(key, answers), lambda: False)
         local = self.value_store.get(key_bytes)
         candidates = [*([local] if local is not None else []), *answers.values()]
         if not candidates:
             return None
-        best = candidates[validator.select(key, [record.value for record in candidates])]
+        best = candidates[self._validator.select(key, [record.value for record in candidates])]
         if local is None or local.value != best.value:
             self.value_store.put_record(key_bytes, best)
         outdated = [peer for peer, record in answers.items() if record.value != best.value]
@@ -863,17 +888,53 @@ class KadDht(KadDHT):
                 nursery.start_soon(self._correct, peer, key_bytes, best)
         return best.value
 
+    def _value_asker(
+        self, key: str, answers: dict[ID, Record]
+    ) -> Callable[[ID], Awaitable[list[ID]]]:
+        """A `_walk` step sending GET_VALUE: valid values go into `answers`."""
+        key_bytes = key.encode()
+
+        async def ask(peer: ID) -> list[ID]:
+            answer = await self.value_store._get_from_peer(
+                peer, key_bytes, return_record=True, return_closer_peers=True
+            )
+            record, closer = cast(tuple[Record | None, list[ID]], answer)
+            if record is not None:
+                try:
+                    self._validator.validate(key, record.value)
+                except Exception as exc:  # validators raise whatever they like
+                    log.debug("%s sent an invalid value for %s: %s", peer, key, exc)
+                else:
+                    answers[peer] = record
+            return closer
+
+        return ask
+
     async def _correct(self, peer: ID, key: bytes, record: Record) -> None:
         with trio.move_on_after(QUERY_TIMEOUT):
             await self.value_store._store_at_peer(peer, key, record.value, record=record)
 
+    # ------------------------------------------------------------------- lookups
+
     async def _walk(
-        self, key: bytes, ask: Callable[[ID], Awaitable[list[ID]]], done: Callable[[], bool]
-    ) -> None:
+        self,
+        key: bytes,
+        ask: Callable[[ID], Awaitable[list[ID]]],
+        done: Callable[[], bool],
+        seed: Iterable[ID] = (),
+    ) -> list[ID]:
         """Ask the peers closest to `key`, `ALPHA` at a time, learning closer peers from
-        each answer, until `done()` or the `BUCKET_SIZE` closest known were all asked."""
-        known = list(await self.peer_routing.find_closest_peers_network(key))
-        asked = {self.local_peer_id}
+        each answer, until `done()` or the `BUCKET_SIZE` closest known were all asked.
+
+        Starts from `seed`, the routing table and the connected peers, and walks with
+        the operation's own request (defect 19). Returns the peers asked, closest first.
+        """
+        known = list(dict.fromkeys(seed))
+        local = self.routing_table.find_local_closest_peers(key, BUCKET_SIZE)
+        for peer in [*local, *self.host.get_connected_peers()]:
+            if peer not in known:
+                known.append(peer)
+        asked: set[ID] = set()
 
         async def ask_one(peer: ID) -> None:
             with trio.move_on_after(QUERY_TIMEOUT):
@@ -883,13 +944,21 @@ class KadDht(KadDHT):
 
         while not done():
             closest = sort_peer_ids_by_distance(key, known)[:BUCKET_SIZE]
-            batch = [peer for peer in closest if peer not in asked][:ALPHA]
+            batch = [p for p in closest if p not in asked and p != self.local_peer_id][:ALPHA]
             if not batch:
-                return
+                break
             asked.update(batch)
             async with trio.open_nursery() as nursery:
                 for peer in batch:
                     nursery.start_soon(ask_one, peer)
+        return sort_peer_ids_by_distance(key, list(asked))
+
+
+def _value_key_bytes(key: str) -> bytes:
+    key_bytes = key.encode()
+    if len(key_bytes) > KAD_MAX_VALUE_KEY_BYTES:
+        raise ValueError(f"a value key is at most {KAD_MAX_VALUE_KEY_BYTES} bytes")
+    return key_bytes
 
 
 # --- logging (defect 10) ---------------------------------------------------------------
@@ -917,6 +986,7 @@ _ORDINARY = re.compile(
             r"Failed to open TCP stream",
             r"Stream entered",
             r"Failed to read DHT message from stream: $",  # the peer closed it (defect 18)
+            r"Failed to store value at peer \S+: $",  # the peer refused the value
         ]
     )
 )

@@ -18,7 +18,7 @@ def node_config(root: Path, name: str, bootstrap: Sequence[str] = (), extra: str
     path.write_text(
         f'[node]\nname = "{name}"\ndata_dir = "data"\n'
         f'[storage]\nmodels_dir = "models"\n'
-        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\nmdns = false\n'
         f'[api]\nlisten = "127.0.0.1:0"\n'
         f"{extra}"
     )

@@ -226,6 +226,7 @@ def test_format_size(size: int, text: str) -> None:
         ("0.0.0.0:1", "0.0.0.0", 1),
         ("localhost:65535", "localhost", 65535),
         ("[::1]:8080", "::1", 8080),
+        ("127.0.0.1:0", "127.0.0.1", 0),
     ],
 )
 def test_parse_host_port(text: str, host: str, port: int) -> None:
@@ -233,7 +234,7 @@ def test_parse_host_port(text: str, host: str, port: int) -> None:
 
 
 @pytest.mark.parametrize(
-    "text", ["127.0.0.1", ":11435", "host:", "host:0", "host:65536", "::1:80", "[::1]", "h:x"]
+    "text", ["127.0.0.1", ":11435", "host:", "host:-1", "host:65536", "::1:80", "[::1]", "h:x"]
 )
 def test_parse_host_port_rejects(text: str) -> None:
     with pytest.raises(ValueError):

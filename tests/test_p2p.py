@@ -12,26 +12,34 @@ from typing import cast
 
 import pytest
 import trio
+import trio.testing
 from libp2p import new_host
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.common import PROTOCOL_ID as LIBRARY_KAD_PROTOCOL_ID
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.records.utils import InvalidRecordType
+from libp2p.records.validator import Validator
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from node.p2p import (
     COALESCE_BYTES,
+    KAD_ADD_PROVIDER_LIMIT,
+    KAD_PROTOCOL_ID,
     NOISE_PROTOCOL_ID,
     DialError,
+    KadDht,
     P2PHost,
     Stream,
     StreamRefused,
@@ -471,3 +479,188 @@ def test_libp2p_logs_reach_dmm_logger(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="dmm.p2p")
     configure_libp2p_logging()
     assert logging.getLogger("libp2p").level == logging.WARNING
+
+
+# --- Kademlia DHT (defects 12-19) ---------------------------------------------------
+
+
+class Newest(Validator):
+    """Values are decimal numbers; the largest wins."""
+
+    def validate(self, key: str, value: bytes) -> None:
+        if not value.isdigit():
+            raise ValueError(f"{value!r} is not a number")
+
+    def select(self, key: str, values: list[bytes]) -> int:
+        return max(range(len(values)), key=lambda i: int(values[i]))
+
+
+def multihash(text: str) -> bytes:
+    return b"\x12\x20" + hashlib.sha256(text.encode()).digest()
+
+
+KadNode = tuple[P2PHost, KadDht]
+
+
+@asynccontextmanager
+async def kad_nodes(
+    count: int, namespaces: tuple[str, ...] = ("t",)
+) -> AsyncIterator[list[KadNode]]:
+    """`count` hosts running `KadDht`, alone: each service has done its start-up refresh."""
+    async with hosts(count) as all_hosts, AsyncExitStack() as stack:
+        nodes = [(host, KadDht(host, {ns: Newest() for ns in namespaces})) for host in all_hosts]
+        for _, dht in nodes:
+            await stack.enter_async_context(background_trio_service(dht))
+        await trio.testing.wait_all_tasks_blocked()
+        yield nodes
+
+
+async def kad_link(a: KadNode, b: KadNode) -> None:
+    await a[0].connect(b[0].listen_addrs[0])
+    await b[0].connect(a[0].listen_addrs[0])
+    assert await a[1].add_peer(b[1].local_peer_id)
+    assert await b[1].add_peer(a[1].local_peer_id)
+
+
+async def test_dht_speaks_its_own_protocol_id() -> None:
+    """Defect 12: KadDHT speaks /ipfs/kad/1.0.0 whatever protocol_prefix says."""
+    with trio.fail_after(10):
+        async with kad_nodes(1) as [(host, _)], hosts(1) as (other,):
+            await other.connect(host.listen_addrs[0])
+            with pytest.raises(StreamRefused):
+                await other.open_stream(host.peer_id, LIBRARY_KAD_PROTOCOL_ID)
+            stream = await other.open_stream(host.peer_id, KAD_PROTOCOL_ID)
+            await stream.aclose()
+
+
+async def test_dht_stores_only_registered_namespaces() -> None:
+    """Defect 13: without strict validation any namespace was stored, and pk/ipns always."""
+    with trio.fail_after(15):
+        async with kad_nodes(1, ("t", "other")) as [rogue], kad_nodes(1) as [honest]:
+            await kad_link(rogue, honest)
+            for key in ("/pk/x", "/ipns/x", "/other/x", "plain"):
+                with pytest.raises(InvalidRecordType):
+                    await honest[1].put_value(key, b"1")
+            await rogue[1].put_value("/other/x", b"1")
+            await rogue[1].put_value("/t/x", b"1")
+            assert honest[1].value_store.get(b"/other/x") is None
+            assert honest[1].value_store.get(b"/t/x") is not None
+
+
+async def test_find_providers_asks_the_network_and_lists_each_peer_once() -> None:
+    """Defect 14: find_providers listed a provider once per peer that named it, and once
+    the local store knew any provider it never asked the network again."""
+    key = multihash("/dmm/model/x")
+    with trio.fail_after(20):
+        async with kad_nodes(4) as (provider, holder, finder, late):
+            await kad_link(provider, holder)
+            assert await provider[1].provide_key(key)
+            await late[1].provide_key(key)  # alone: only in its own store
+            await kad_link(finder, provider)
+            await kad_link(finder, holder)
+            library = await finder[1].provider_store.find_providers(key)
+            assert [info.peer_id for info in library] == [provider[1].local_peer_id] * 2
+
+            await kad_link(finder, late)
+            library = await finder[1].provider_store.find_providers(key)
+            assert [info.peer_id for info in library] == [provider[1].local_peer_id]
+            found = await finder[1].find_providers_of(key)
+            assert {info.peer_id for info in found} == {
+                provider[1].local_peer_id,
+                late[1].local_peer_id,
+            }
+            assert len(found) == 2
+
+
+async def test_get_newest_value_asks_the_network() -> None:
+    """Defect 15: get_value returned any local value without asking anyone."""
+    with trio.fail_after(15):
+        async with kad_nodes(2) as (old, new):
+            await old[1].put_value("/t/x", b"1")
+            await new[1].put_value("/t/x", b"2")
+            await kad_link(old, new)
+            assert await old[1].get_value("/t/x") == b"1"
+            assert await old[1].get_newest_value("/t/x") == b"2"
+            assert old[1].value_store.get(b"/t/x").value == b"2"  # type: ignore[union-attr]
+            assert await old[1].get_newest_value("/t/missing") is None
+
+
+async def test_many_provides_from_one_peer_are_all_kept() -> None:
+    """Defect 16: a receiver silently dropped ADD_PROVIDER past 10 per peer per 10 s."""
+    keys = [multihash(f"/dmm/model/m{i}") for i in range(40)]
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (sender, ours, stock):
+            stock[1]._provider_rate_max = 10  # the library's default
+            await kad_link(sender, ours)
+            await kad_link(sender, stock)
+            handled = trio.Event()
+            seen: list[ID] = []
+            check = ours[1]._check_provider_rate_limit
+
+            def counting_check(peer_id: ID) -> bool:
+                seen.append(peer_id)
+                if len(seen) == len(keys):
+                    handled.set()
+                return check(peer_id)
+
+            ours[1]._check_provider_rate_limit = counting_check  # type: ignore[method-assign]
+            for key in keys:
+                assert await sender[1].provide_key(key)
+            await handled.wait()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            assert len(keys) <= KAD_ADD_PROVIDER_LIMIT
+            kept = [k for k in keys if ours[1].provider_store.get_providers(k)]
+            dropped = [k for k in keys if not stock[1].provider_store.get_providers(k)]
+            assert len(kept) == len(keys)
+            assert len(dropped) == len(keys) - 10
+
+
+async def test_provide_key_leaves_reproviding_to_the_caller() -> None:
+    """Defect 17: the library re-provided every key ever provided, with no way to stop."""
+    key = multihash("/dmm/model/x")
+    with trio.fail_after(10):
+        async with kad_nodes(2) as (a, b):
+            await kad_link(a, b)
+            await a[1].provide(key.hex())  # the library's own call
+            assert a[1].provider_store.providing_keys == {key}
+            a[1].provider_store.providing_keys.clear()
+            assert await a[1].provide_key(key)
+            assert a[1].provider_store.providing_keys == set()
+            assert [p.peer_id for p in a[1].provider_store.get_providers(key)] == [
+                a[1].local_peer_id
+            ]
+            a[1].stop_providing(key)
+            assert a[1].provider_store.get_providers(key) == []
+            assert await b[1].find_providers_of(key) != []  # peers keep theirs until expiry
+
+
+async def test_long_value_keys_reach_the_closest_peers() -> None:
+    """Defects 18 and 19: FIND_NODE refused keys over 50 bytes that are not multihashes,
+    so a put never left the local routing table; GET_VALUE refuses keys over 128 bytes."""
+    key = "/t/" + "k" * 60
+    with trio.fail_after(20):
+        async with kad_nodes(3) as (a, b, c):
+            await kad_link(a, b)
+            await kad_link(b, c)
+            closest = await a[1].peer_routing.find_closest_peers_network(key.encode())
+            assert c[1].local_peer_id not in closest
+            await a[1].put_value(key, b"7")
+            assert c[1].value_store.get(key.encode()) is not None
+            with pytest.raises(ValueError, match="at most 128"):
+                await a[1].put_value("/t/" + "k" * 126, b"1")
+            with pytest.raises(ValueError, match="at most 128"):
+                await a[1].get_newest_value("/t/" + "k" * 126)
+            with pytest.raises(ValueError, match=r"1\.\.80"):
+                await a[1].provide_key(b"k" * 81)
+
+
+def test_dht_stream_ends_are_not_warnings(caplog: pytest.LogCaptureFixture) -> None:
+    """Defect 18: every DHT stream its peer closed was logged at WARNING."""
+    caplog.set_level(logging.DEBUG, logger="dmm.p2p")
+    configure_libp2p_logging()
+    kad_log = logging.getLogger("libp2p.kad_dht.kad_dht")
+    kad_log.warning("Failed to read DHT message from stream: ")
+    kad_log.warning("Failed to read DHT message from stream: unexpected frame")
+    assert [r.levelno for r in caplog.records] == [logging.DEBUG, logging.WARNING]
+    caplog.set_level(logging.WARNING, logger="dmm.p2p")
+    configure_libp2p_logging()
