@@ -8,8 +8,8 @@ import httpx
 import trio
 
 from node.daemon import Node, open_node
+from node.testing import node_config, open_chain
 from tests.conftest import MakeModel
-from tests.nodes import node_config, open_chain
 
 MiB = 1024 * 1024
 

@@ -1,4 +1,8 @@
-"""Helpers for tests that start real nodes: configs in temp dirs, loopback, free ports."""
+"""Real nodes for tests and benchmarks: configs in a scratch folder, loopback, free ports.
+
+Like ``trio.testing``, this is part of the product: the test suite and ``scripts/bench``
+start swarms with it. Nothing here is faked; every node is a full ``open_node``.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from node.daemon import Node, open_node
 
 
 def node_config(root: Path, name: str, bootstrap: Sequence[str] = (), extra: str = "") -> Config:
+    """A loopback-only config in ``root/name`` (mDNS off, ports chosen by the OS)."""
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     boot = ", ".join(f'"{addr}"' for addr in bootstrap)
@@ -32,6 +37,18 @@ async def open_chain(root: Path, count: int) -> AsyncIterator[list[Node]]:
         nodes: list[Node] = []
         for i in range(count):
             boot = [nodes[-1].host.listen_addrs[0]] if nodes else []
+            config = node_config(root, f"n{i}", boot)
+            nodes.append(await stack.enter_async_context(open_node(config)))
+        yield nodes
+
+
+@asynccontextmanager
+async def open_swarm(root: Path, count: int, *, seeds: int = 1) -> AsyncIterator[list[Node]]:
+    """``count`` nodes; the first ``seeds`` chain together, every other bootstraps from them."""
+    async with AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(count):
+            boot = [n.host.listen_addrs[0] for n in nodes[:seeds]]
             config = node_config(root, f"n{i}", boot)
             nodes.append(await stack.enter_async_context(open_node(config)))
         yield nodes
