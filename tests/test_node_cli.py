@@ -86,13 +86,15 @@ def nodes(tmp_path: Path) -> Iterator[list[RunningNode]]:
             node.proc.wait()
 
 
-def test_a_node_process_serves_status_find_and_stops_cleanly(
+def test_node_processes_serve_status_find_and_stop_cleanly(
     tmp_path: Path, make_model: MakeModel, nodes: list[RunningNode]
 ) -> None:
     first = RunningNode(_config(tmp_path, "first"))
     nodes.append(first)
     second = RunningNode(_config(tmp_path, "second", [first.p2p]))
     nodes.append(second)
+    third = RunningNode(_config(tmp_path, "third", [first.p2p]))
+    nodes.append(third)
     status = json.loads(dmm(first.config, "node", "status", "--json").stdout)
     assert status["peer_id"] == first.peer_id and status["name"] == "first"
     # A local add while the node runs is announced through it at once.
@@ -112,9 +114,11 @@ def test_a_node_process_serves_status_find_and_stops_cleanly(
     assert "shared-model:v1" in table and "1/1" in table
     peers = json.loads(dmm(second.config, "peers", "--json").stdout)["peers"]
     assert first.peer_id in [p["peer_id"] for p in peers]
-    assert first.stop() < 2.5  # "clean shutdown within 2 s", plus process exit
-    assert first.proc.returncode == 0
-    assert second.stop() < 2.5
+    from_third = json.loads(dmm(third.config, "find", "shared*", "--json").stdout)["models"]
+    assert [m["peers"] for m in from_third] == [[first.peer_id]]
+    for node in (first, second, third):
+        assert node.stop() < 2.5  # "clean shutdown within 2 s", plus process exit
+        assert node.proc.returncode == 0
 
 
 def test_remote_commands_without_a_node_say_what_to_do(tmp_path: Path) -> None:
