@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -34,3 +37,22 @@ def store(tmp_path: Path) -> Iterator[ModelStore]:
         tmp_path / "models", tmp_path / "data" / "dmm.db", tmp_path / "data" / "cas"
     ) as s:
         yield s
+
+
+def clean_env() -> dict[str, str]:
+    """The environment without settings that would point a dmm process at the user's store."""
+    return {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
+
+
+def dmm(config: Path, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    """Run the real `dmm` command on ``config``; assert its exit code unless ``check`` is None."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "node.cli", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=clean_env(),
+    )
+    if check is not None:
+        assert proc.returncode == check, proc.stderr + proc.stdout
+    return proc

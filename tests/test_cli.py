@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import MakeModel
+from tests.conftest import MakeModel, dmm
 
 MiB = 1024 * 1024
 
@@ -22,20 +21,6 @@ def config(tmp_path: Path) -> Path:
         '[node]\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\ncleanup_age = "1h"\n'
     )
     return path
-
-
-def dmm(config: Path, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check is not None:
-        assert proc.returncode == check, proc.stderr + proc.stdout
-    return proc
 
 
 def test_id_is_stable_and_private(config: Path) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import MakeModel
+from tests.conftest import MakeModel, clean_env, dmm
 
 MiB = 1024 * 1024
 
@@ -38,24 +37,10 @@ def _config(root: Path, name: str, bootstrap: list[str] | None = None) -> Path:
     return path
 
 
-def dmm(config: Path, *args: str, check: int | None = 0) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "node.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-    )
-    if check is not None:
-        assert proc.returncode == check, proc.stderr + proc.stdout
-    return proc
-
-
 class RunningNode:
     def __init__(self, config: Path) -> None:
         self.config = config
-        env = {k: v for k, v in os.environ.items() if k not in ("DMM_CONFIG", "OLLAMA_MODELS")}
+        env = clean_env()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "node.cli", "node", "start", "--config", str(config)],
             stdout=subprocess.PIPE,
