@@ -154,7 +154,6 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
         )
         record = VersionBook(store.db, ident).record_local(result.name, result.digest, result.size)
     elapsed = time.monotonic() - started
-    tell_node(config, quiet=args.json)
     if args.json:
         emit_json(
             {
@@ -168,6 +167,7 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
                 "seconds": round(elapsed, 3),
             }
         )
+        tell_node(config, quiet=True)
         return EXIT_OK
     how = "copied into the store" if result.copied_bytes else "already in the store, nothing copied"
     state = "added" if result.changed else "unchanged"
@@ -175,6 +175,7 @@ def cmd_add(args: argparse.Namespace, config: Config) -> int:
         f"{state} {result.name.display} ({human_size(result.size)}, {result.digest[7:19]}): "
         f"model blob {how}, {elapsed:.1f}s"
     )
+    tell_node(config, quiet=False)
     return EXIT_OK
 
 
