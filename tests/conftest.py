@@ -9,6 +9,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from storage.store import ModelStore
 from storage.testmodels import generate_model
@@ -56,3 +58,9 @@ def dmm(config: Path, *args: str, check: int | None = 0) -> subprocess.Completed
     if check is not None:
         assert proc.returncode == check, proc.stderr + proc.stdout
     return proc
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps ahead whenever every task is waiting (pytest-trio uses it)."""
+    return trio.testing.MockClock(autojump_threshold=0)
