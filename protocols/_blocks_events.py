@@ -61,6 +61,7 @@ __all__ = [
     "Response",
     "WantBlock",
     "WantHave",
+    "byte_view",
     "decode_messages",
     "decode_payload",
     "encode_message",
@@ -154,9 +155,14 @@ class Block:
     data: BufferLike
 
     def __repr__(self) -> str:
-        # Never print megabytes into a log line or a test failure.
-        size = memoryview(self.data).nbytes
-        return f"Block(request_id={self.request_id}, chunk_id={self.chunk_id.hex()}, {size} bytes)"
+        # Never print megabytes into a log line or a test failure, and never raise: this
+        # may describe a Block that failed validation.
+        try:
+            size = f"{memoryview(self.data).nbytes} bytes"
+        except TypeError:
+            size = f"data of type {type(self.data).__name__}"
+        chunk_id = self.chunk_id.hex() if isinstance(self.chunk_id, bytes) else repr(self.chunk_id)
+        return f"Block(request_id={self.request_id!r}, chunk_id={chunk_id}, {size})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,8 +339,7 @@ class MessageReader:
             return Block(header.request_id, header.chunk_id, payload)
         if len(payload) > MAX_CONTROL_FRAME:
             raise RemoteProtocolError(
-                f"control frame of {len(payload)} bytes exceeds the "
-                f"{MAX_CONTROL_FRAME}-byte limit"
+                f"control frame of {len(payload)} bytes exceeds the {MAX_CONTROL_FRAME}-byte limit"
             )
         message = decode_payload(payload)
         if isinstance(message, BlockHeader):
@@ -384,9 +389,9 @@ def _to_map(message: Message) -> dict[str, Value]:
 
 
 def _id_list(ids: object) -> list[Value]:
-    # A list passed where a tuple belongs is accepted (it encodes the same); anything
-    # else is our bug, reported as one.
-    if not isinstance(ids, (tuple, list)):
+    # Tuples only, as annotated: a list would encode the same but decode unequal, and a
+    # str or bytes would be iterated character by character.
+    if type(ids) is not tuple:
         raise LocalProtocolError(f"chunk ids must be a tuple, not {type(ids).__name__}")
     return list(ids)
 

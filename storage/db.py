@@ -68,6 +68,21 @@ MIGRATIONS: tuple[str, ...] = (
         value TEXT NOT NULL
     );
     """,
+    # 2 -> 3: what each delta sync reused locally and what it fetched (for reporting)
+    """
+    CREATE TABLE deltas (
+        id             INTEGER PRIMARY KEY,
+        model          TEXT NOT NULL,
+        source         TEXT,                   -- older manifest or blob digest, if known
+        target         TEXT NOT NULL,          -- sha256:<hex> of the blob assembled
+        bytes_local    INTEGER NOT NULL,
+        bytes_fetched  INTEGER NOT NULL,
+        chunks_local   INTEGER NOT NULL,
+        chunks_fetched INTEGER NOT NULL,
+        created_at     REAL NOT NULL
+    );
+    CREATE INDEX deltas_by_model ON deltas(model, created_at);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -113,6 +128,18 @@ class ChunkLocation:
     blob: str
     offset: int
     length: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeltaRecord:
+    model: str
+    source: str | None
+    target: str
+    bytes_local: int
+    bytes_fetched: int
+    chunks_local: int
+    chunks_fetched: int
+    created_at: float
 
 
 class MetadataDB:
@@ -226,6 +253,25 @@ class MetadataDB:
         )
         return [ChunkLocation(*row) for row in rows]
 
+    def find_chunks(self, chunk_ids: Iterable[bytes]) -> dict[bytes, list[ChunkLocation]]:
+        """Every stored location of each chunk id, in a few queries rather than one per id.
+
+        Ids held by no blob are absent from the result.
+        """
+        wanted = list(dict.fromkeys(chunk_ids))
+        found: dict[bytes, list[ChunkLocation]] = {}
+        # Below SQLite's bound-parameter limit on every version still in use (999).
+        for start in range(0, len(wanted), _ID_BATCH):
+            batch = wanted[start : start + _ID_BATCH]
+            rows = self._query(
+                "SELECT chunk_id, blob, offset, length FROM chunks WHERE chunk_id IN"
+                f" ({','.join('?' * len(batch))}) ORDER BY blob, idx",
+                batch,
+            )
+            for chunk_id, blob, offset, length in rows:
+                found.setdefault(bytes(chunk_id), []).append(ChunkLocation(blob, offset, length))
+        return found
+
     def mark_verified(self, digest: str, mtime_ns: int) -> None:
         with self._tx() as conn:
             conn.execute(
@@ -321,6 +367,46 @@ class MetadataDB:
         )
         return [_version_row(r) for r in rows]
 
+    # --- deltas -----------------------------------------------------------------------
+
+    def add_delta(self, record: DeltaRecord) -> None:
+        with self._tx() as conn:
+            conn.execute(
+                "INSERT INTO deltas (model, source, target, bytes_local, bytes_fetched,"
+                " chunks_local, chunks_fetched, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    record.model,
+                    record.source,
+                    record.target,
+                    record.bytes_local,
+                    record.bytes_fetched,
+                    record.chunks_local,
+                    record.chunks_fetched,
+                    record.created_at,
+                ),
+            )
+
+    def deltas(self, model: str) -> list[DeltaRecord]:
+        """The deltas recorded for ``model``, oldest first."""
+        rows = self._query(
+            "SELECT model, source, target, bytes_local, bytes_fetched, chunks_local,"
+            " chunks_fetched, created_at FROM deltas WHERE model = ? ORDER BY created_at, id",
+            (model,),
+        )
+        return [
+            DeltaRecord(
+                str(r[0]),
+                None if r[1] is None else str(r[1]),
+                str(r[2]),
+                int(r[3]),
+                int(r[4]),
+                int(r[5]),
+                int(r[6]),
+                float(r[7]),
+            )
+            for r in rows
+        ]
+
     # --- settings -----------------------------------------------------------------------
 
     def get_setting(self, key: str) -> str | None:
@@ -336,6 +422,7 @@ class MetadataDB:
             )
 
 
+_ID_BATCH = 500
 _VERSION_COLUMNS = "id, name, manifest_digest, size, parents, author, created_at, hlc, record"
 
 
