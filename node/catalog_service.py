@@ -44,6 +44,7 @@ import trio
 from node.p2p import P2PHost, Stream
 from node.versions import VersionBook
 from protocols.catalog import (
+    MAX_CHUNKS_PER_REPLY,
     MAX_ERROR_MESSAGE_LENGTH,
     MAX_LIMIT,
     MAX_PIPELINE,
@@ -53,8 +54,11 @@ from protocols.catalog import (
     REQUEST_ID_LIMIT,
     BadRequest,
     CatalogConnection,
+    ChunkEntry,
+    ChunkList,
     EndOfStream,
     ErrorReply,
+    GetChunks,
     GetManifest,
     GetVersions,
     ListModels,
@@ -71,6 +75,7 @@ from protocols.catalog import (
 )
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.records import VersionRecord
+from storage.chunks import ChunkRef
 from storage.manifest import ManifestError
 from storage.names import InvalidName, ModelName, parse_digest, parse_model_name
 from storage.ollama_store import StoredManifest
@@ -126,6 +131,10 @@ class CatalogSource(Protocol):
     def manifest(self, name_or_digest: str) -> tuple[str, bytes] | None:
         """``(digest, raw bytes)`` of a manifest by model name (any form) or by
         ``sha256:<hex>`` digest; ``None`` when not held."""
+        ...
+
+    def chunks(self, digest: str) -> tuple[int, list[ChunkRef]] | None:
+        """``(blob size, chunk list)`` of a blob this node holds and has indexed."""
         ...
 
 
@@ -215,8 +224,13 @@ class StoreCatalogSource:
             return max(matching, key=lambda r: (r.hlc, r.version_id))
         return self.book.record_local(name, digest, size)
 
+    # --------------------------------------------------------------------------- server
 
-# --------------------------------------------------------------------------- server
+    def chunks(self, digest: str) -> tuple[int, list[ChunkRef]] | None:
+        row = self.store.db.get_blob(digest)
+        if row is None or not self.store.cas.has(digest):
+            return None
+        return row.size, self.store.db.blob_chunks(digest)
 
 
 class CatalogServer:
@@ -346,6 +360,18 @@ class CatalogServer:
                 log.debug("catalog get-versions %s for %s: %d records", full, peer, len(records))
                 # When there are more than one reply holds, the newest matter most.
                 return Versions(rid, tuple(records[-MAX_RECORDS_PER_REPLY:]))
+            case GetChunks(digest=digest, start=start, limit=limit):
+                held = await self._in_thread(partial(self.source.chunks, digest))
+                if held is None:
+                    return ErrorReply(rid, "not-found", f"blob {digest} is not held here")
+                size, refs = held
+                page = tuple(
+                    ChunkEntry(c.offset, c.length, c.digest) for c in refs[start : start + limit]
+                )
+                log.debug(
+                    "catalog get-chunks %s for %s: %d from %d", digest[:19], peer, len(page), start
+                )
+                return ChunkList(rid, digest, size, len(refs), start, page)
             case GetManifest(name_or_digest=wanted):
                 found = await self._in_thread(partial(self.source.manifest, wanted))
                 if found is None:
@@ -410,7 +436,7 @@ class _ServedStream:
                     return ErrorReply(None, "bad-request", event.reason)
                 reply = ErrorReply(event.request_id, "bad-request", event.reason)
                 requests.start_soon(self._send, reply)
-            elif isinstance(event, (ListModels, GetVersions, GetManifest)):
+            elif isinstance(event, (ListModels, GetVersions, GetManifest, GetChunks)):
                 requests.start_soon(self._serve, event)
             else:  # the machine only lets a client send requests
                 raise AssertionError(f"unexpected catalog event {event!r}")
@@ -554,6 +580,42 @@ class CatalogClient:
             raise trio.BrokenResourceError(f"{self.peer_id} sent a manifest with a wrong digest")
         return reply.digest, reply.data
 
+    async def get_chunks(
+        self, digest: str, *, timeout: float | None = None
+    ) -> tuple[int, list[ChunkRef]]:
+        """``(size, chunk list)`` of a blob the peer holds, all pages; checked to tile the blob.
+
+        A lying peer can still name wrong chunk ids: every chunk is verified as it lands
+        and the whole blob at the end, so a wrong list costs time, never a wrong byte.
+        """
+        chunks: list[ChunkRef] = []
+        size = total = -1
+        while total < 0 or len(chunks) < total:
+            start = len(chunks)
+            page_request = partial(
+                GetChunks, digest=digest, start=start, limit=MAX_CHUNKS_PER_REPLY
+            )
+            reply = await self._request(page_request, timeout)
+            assert isinstance(reply, ChunkList)
+            if (size >= 0 and reply.size != size) or (total >= 0 and reply.total != total):
+                raise trio.BrokenResourceError(f"{self.peer_id} changed {digest}'s chunk list")
+            size, total = reply.size, reply.total
+            if not reply.chunks and len(chunks) < total:
+                raise trio.BrokenResourceError(f"{self.peer_id} sent an empty chunk page")
+            if (
+                chunks
+                and reply.chunks
+                and reply.chunks[0].offset != chunks[-1].offset + chunks[-1].length
+            ):
+                raise trio.BrokenResourceError(f"{self.peer_id} sent chunk pages with a gap")
+            chunks.extend(ChunkRef(c.offset, c.length, c.chunk_id) for c in reply.chunks)
+        covered = chunks[-1].offset + chunks[-1].length if chunks else 0
+        if covered != size:
+            raise trio.BrokenResourceError(
+                f"{self.peer_id}'s chunk list of {digest} covers {covered} of {size} bytes"
+            )
+        return size, chunks
+
     def _drop_record(self, name: str, reason: str) -> None:
         self.dropped_records += 1
         log.info("dropped a version record of %s from %s: %s", name, self.peer_id, reason)
@@ -661,7 +723,7 @@ class CatalogClient:
                         event.message,
                     )
                     self._fail("error", event.code, event.message)
-                elif isinstance(event, (ModelList, Versions, ManifestData, ErrorReply)):
+                elif isinstance(event, (ModelList, Versions, ManifestData, ChunkList, ErrorReply)):
                     rid = event.request_id
                     assert rid is not None  # ErrorReply(None) is handled above
                     waiter = self._waiters.pop(rid, None)
@@ -749,6 +811,8 @@ def _subject(request: Request) -> str:
             return name
         case GetManifest(name_or_digest=name):
             return name
+        case GetChunks(digest=digest):
+            return digest
     return "?"
 
 

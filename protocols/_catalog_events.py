@@ -9,6 +9,8 @@ directions: ``encode_message`` refuses what ``decode_message`` would refuse.
 from __future__ import annotations
 
 import hashlib
+import itertools
+import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar, TypeAlias
@@ -33,6 +35,7 @@ from .records import HLC_LIMIT, MAX_RECORD_SIZE, MAX_SIZE_VALUE, VERSION_ID_SIZE
 
 __all__ = [
     "ERROR_CODES",
+    "MAX_CHUNKS_PER_REPLY",
     "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_GLOB_LENGTH",
     "MAX_LIMIT",
@@ -42,8 +45,11 @@ __all__ = [
     "REQUEST_TYPES",
     "RESPONSE_TYPES",
     "BadRequest",
+    "ChunkEntry",
+    "ChunkList",
     "EndOfStream",
     "ErrorReply",
+    "GetChunks",
     "GetManifest",
     "GetVersions",
     "ListModels",
@@ -71,6 +77,11 @@ _MAX_NAME_FIELD = 255
 _MAX_TAG_FIELD = 128
 _MAX_DIGEST_FIELD = 80
 ERROR_CODES = frozenset({"not-found", "bad-request", "refused", "internal"})
+# A blob's chunk list in pages: 16384 entries of 44 bytes is ~704 KiB, under the client's
+# reply limit; a 2 GiB blob of 1 MiB chunks fits in one page.
+MAX_CHUNKS_PER_REPLY = 16384
+MAX_CHUNK_LENGTH = 16 * 1024 * 1024
+_CHUNK_ENTRY = struct.Struct("<QI32s")
 
 
 # ---------------------------------------------------------------------- requests
@@ -109,7 +120,42 @@ class GetManifest:
         return self.name_or_digest if _looks_like_digest(self.name_or_digest) else None
 
 
+@dataclass(frozen=True, slots=True)
+class GetChunks:
+    """A page of a blob's content-defined chunk list: entries ``start`` .. ``start+limit``."""
+
+    TYPE: ClassVar[str] = "get-chunks"
+    request_id: int
+    digest: str
+    start: int
+    limit: int
+
+
 # --------------------------------------------------------------------- responses
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkEntry:
+    offset: int
+    length: int
+    chunk_id: bytes  # raw sha256 of the chunk
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkList:
+    """The answer to ``GetChunks``: ``total`` entries in all; these start at ``start``.
+
+    Entries are contiguous (each starts where the one before ends). Nothing here proves
+    the list right: the fetcher verifies every chunk and, at the end, the whole blob.
+    """
+
+    TYPE: ClassVar[str] = "chunks"
+    request_id: int
+    digest: str
+    size: int
+    total: int
+    start: int
+    chunks: tuple[ChunkEntry, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,12 +234,18 @@ class EndOfStream:
     """The peer closed its side (from ``next_event``), or we close ours (to ``send``)."""
 
 
-Request: TypeAlias = ListModels | GetVersions | GetManifest
-Response: TypeAlias = ModelList | Versions | ManifestData | ErrorReply
+Request: TypeAlias = ListModels | GetVersions | GetManifest | GetChunks
+Response: TypeAlias = ModelList | Versions | ManifestData | ChunkList | ErrorReply
 Message: TypeAlias = Request | Response
 
-REQUEST_TYPES: tuple[type[Request], ...] = (ListModels, GetVersions, GetManifest)
-RESPONSE_TYPES: tuple[type[Response], ...] = (ModelList, Versions, ManifestData, ErrorReply)
+REQUEST_TYPES: tuple[type[Request], ...] = (ListModels, GetVersions, GetManifest, GetChunks)
+RESPONSE_TYPES: tuple[type[Response], ...] = (
+    ModelList,
+    Versions,
+    ManifestData,
+    ChunkList,
+    ErrorReply,
+)
 
 
 class MalformedMessage(RemoteProtocolError):
@@ -257,6 +309,16 @@ def _to_map(message: Message) -> dict[str, Value]:
             fields.update(r=list(records))
         case ManifestData(digest=digest, data=data):
             fields.update(d=digest, b=data)
+        case GetChunks(digest=digest, start=start, limit=limit):
+            fields.update(d=digest, s=start, n=limit)
+        case ChunkList(digest=digest, size=size, total=total, start=start, chunks=chunks):
+            packed = b"".join(
+                _CHUNK_ENTRY.pack(c.offset, c.length, c.chunk_id)
+                if isinstance(c, ChunkEntry) and len(c.chunk_id) == 32
+                else _bad_entry(c)
+                for c in chunks
+            )
+            fields.update(d=digest, z=size, n=total, s=start, c=packed)
         case ErrorReply(code=code, message=text):
             fields.update(c=code, m=text)
     return fields
@@ -273,6 +335,46 @@ def _summary_to_map(summary: ModelSummary) -> dict[str, Value]:
         "s": summary.size,
         "h": summary.hlc,
     }
+
+
+def _bad_entry(entry: object) -> bytes:
+    raise LocalProtocolError(f"ChunkList.chunks holds an invalid entry {entry!r:.60}")
+
+
+def _decode_get_chunks(obj: Mapping[str, Value]) -> GetChunks:
+    check_keys(obj, ("t", "id", "d", "s", "n"))
+    digest = get_str(obj, "d", _MAX_DIGEST_FIELD)
+    check_digest(digest)
+    return GetChunks(
+        request_id=_request_id(obj),
+        digest=digest,
+        start=get_int(obj, "s", 0, MAX_SIZE_VALUE),
+        limit=get_int(obj, "n", 1, MAX_CHUNKS_PER_REPLY + 1),
+    )
+
+
+def _decode_chunk_list(obj: Mapping[str, Value]) -> ChunkList:
+    check_keys(obj, ("t", "id", "d", "z", "n", "s", "c"))
+    digest = get_str(obj, "d", _MAX_DIGEST_FIELD)
+    check_digest(digest)
+    size = get_int(obj, "z", 0, MAX_SIZE_VALUE)
+    total = get_int(obj, "n", 0, MAX_SIZE_VALUE)
+    start = get_int(obj, "s", 0, MAX_SIZE_VALUE)
+    packed = get_bytes(obj, "c", 0, MAX_CHUNKS_PER_REPLY * _CHUNK_ENTRY.size)
+    if len(packed) % _CHUNK_ENTRY.size:
+        raise Invalid("chunk entries are not a whole number of 44-byte records")
+    chunks = tuple(ChunkEntry(*e) for e in _CHUNK_ENTRY.iter_unpack(packed))
+    if start + len(chunks) > total:
+        raise Invalid(f"entries {start}..{start + len(chunks)} run past the total {total}")
+    for before, after in itertools.pairwise(chunks):
+        if after.offset != before.offset + before.length:
+            raise Invalid("chunk entries are not contiguous")
+    for c in chunks:
+        if not 0 < c.length <= MAX_CHUNK_LENGTH or c.offset + c.length > size:
+            raise Invalid(f"chunk at {c.offset} of {c.length} bytes does not fit the blob")
+    if start == 0 and chunks and chunks[0].offset != 0:
+        raise Invalid("the first chunk does not start at offset 0")
+    return ChunkList(_request_id(obj), digest, size, total, start, chunks)
 
 
 def _request_id(obj: Mapping[str, Value]) -> int:
@@ -382,5 +484,7 @@ _DECODERS: dict[str, Callable[[Mapping[str, Value]], Message]] = {
     ModelList.TYPE: _decode_model_list,
     Versions.TYPE: _decode_versions,
     ManifestData.TYPE: _decode_manifest_data,
+    GetChunks.TYPE: _decode_get_chunks,
+    ChunkList.TYPE: _decode_chunk_list,
     ErrorReply.TYPE: _decode_error_reply,
 }

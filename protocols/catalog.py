@@ -37,6 +37,7 @@ from storage.names import DEFAULT_HOST, DEFAULT_NAMESPACE, InvalidName, parse_mo
 
 from ._catalog_events import (
     ERROR_CODES,
+    MAX_CHUNKS_PER_REPLY,
     MAX_ERROR_MESSAGE_LENGTH,
     MAX_GLOB_LENGTH,
     MAX_LIMIT,
@@ -46,8 +47,11 @@ from ._catalog_events import (
     REQUEST_TYPES,
     RESPONSE_TYPES,
     BadRequest,
+    ChunkEntry,
+    ChunkList,
     EndOfStream,
     ErrorReply,
+    GetChunks,
     GetManifest,
     GetVersions,
     ListModels,
@@ -68,6 +72,7 @@ from .framing import FrameDecoder, encode_frame
 __all__ = [
     "ERROR_CODES",
     "INDEX_KEY_PREFIX",
+    "MAX_CHUNKS_PER_REPLY",
     "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_GLOB_LENGTH",
     "MAX_LIMIT",
@@ -81,9 +86,12 @@ __all__ = [
     "REQUEST_ID_LIMIT",
     "BadRequest",
     "CatalogConnection",
+    "ChunkEntry",
+    "ChunkList",
     "EndOfStream",
     "ErrorReply",
     "Event",
+    "GetChunks",
     "GetManifest",
     "GetVersions",
     "ListModels",
@@ -187,6 +195,13 @@ def _reply_mismatch(request: Request | BadRequest, response: Response) -> str | 
                 return f"{response.TYPE} does not answer get-manifest"
             if request.digest is not None and response.digest != request.digest:
                 return "manifest digest differs from the one requested"
+        case GetChunks(digest=digest, start=start, limit=limit):
+            if not isinstance(response, ChunkList):
+                return f"{response.TYPE} does not answer get-chunks"
+            if response.digest != digest or response.start != start:
+                return "chunk list is not the page that was requested"
+            if len(response.chunks) > limit:
+                return f"{len(response.chunks)} chunks listed for a limit of {limit}"
         case BadRequest():
             return "a bad request can only be answered with an error"
     return None
@@ -319,7 +334,7 @@ class CatalogConnection:
         state = self._states[sender]
         if (sender, state, kind) not in _TRANSITIONS:
             return f"{sender.value} in state {state.value} cannot send {kind.value}"
-        if isinstance(event, (ListModels, GetVersions, GetManifest, BadRequest)):
+        if isinstance(event, (ListModels, GetVersions, GetManifest, GetChunks, BadRequest)):
             if sender is self.role and self.their_state is not State.OPEN:
                 # Only checked for our own requests: the peer's may cross our close.
                 return "the server has ended its side; no request can be answered"
@@ -347,7 +362,7 @@ class CatalogConnection:
         self._states[sender] = _TRANSITIONS[(sender, self._states[sender], kind)]
         if kind is _Kind.FINAL:
             self._outstanding.clear()
-        elif isinstance(event, (ListModels, GetVersions, GetManifest, BadRequest)):
+        elif isinstance(event, (ListModels, GetVersions, GetManifest, GetChunks, BadRequest)):
             if event.request_id is not None:
                 self._outstanding[event.request_id] = event
         elif isinstance(event, RESPONSE_TYPES) and event.request_id is not None:

@@ -434,3 +434,26 @@ async def test_an_idle_stream_is_ended_by_the_server(source: StoreCatalogSource)
             raw = await client.open_stream(server_host.peer_id, CATALOG_PROTOCOL)
             assert await raw.receive_some() == b""  # nothing owed, so a clean end
             await raw.aclose()
+
+
+async def test_get_chunks_returns_the_whole_chunk_list_in_pages(
+    store: ModelStore, book: VersionBook, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import node.catalog_service as service
+
+    # Small pages, so a 12 MiB blob's list takes several round trips.
+    monkeypatch.setattr(service, "MAX_CHUNKS_PER_REPLY", 3)
+    added = store.add_model("paged:v1", make_model("paged.gguf", 12 * 1024 * KiB))
+    expected = store.db.blob_chunks(added.model_blob)
+    assert len(expected) > 6
+    with trio.fail_after(20):
+        async with (
+            two_hosts(CatalogServer(StoreCatalogSource(store, book))) as (server_host, client_host),
+            open_catalog_client(client_host, server_host.peer_id) as catalog,
+        ):
+            size, chunks = await catalog.get_chunks(added.model_blob)
+            assert size == store.cas.path(added.model_blob).stat().st_size
+            assert chunks == expected
+            with pytest.raises(CatalogError) as excinfo:
+                await catalog.get_chunks("sha256:" + "0" * 64)
+            assert excinfo.value.code == "not-found"
