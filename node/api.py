@@ -8,12 +8,15 @@ Ollama). The node's: ``/api/health``, ``/api/status``, ``/api/peers``, ``/api/fi
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from node.http import HTTPError, Request, Response, Router, json_response
+from node.http import HTTPError, Request, Response, Router, json_response, ndjson_response
+from node.pull import PullError
 from storage.gguf import GGUFError, details
+from storage.names import InvalidName, parse_model_name
 
 if TYPE_CHECKING:
     from node.daemon import Node
@@ -52,6 +55,24 @@ def _tags(node: Node) -> dict[str, Any]:
             }
         )
     return {"models": models}
+
+
+async def _pull_stream(node: Node, name: str) -> AsyncIterator[dict[str, Any]]:
+    """The pull's progress events as it runs; a failure ends the stream with an error line."""
+    send, receive = trio.open_memory_channel[dict[str, Any]](64)
+
+    async def run() -> None:
+        async with send:
+            try:
+                await node.pull(name, send.send)
+            except PullError as exc:
+                await send.send({"error": str(exc)})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run)
+        async with receive:
+            async for event in receive:
+                yield event
 
 
 def build_router(node: Node) -> Router:
@@ -100,6 +121,29 @@ def build_router(node: Node) -> Router:
             raise HTTPError(400, "timeout must be a number of seconds") from None
         timeout = min(max(timeout, 0.1), MAX_FIND_TIMEOUT)
         return json_response(await node.find(glob, timeout=timeout))
+
+    @router.route("POST", "/api/pull")
+    async def pull(request: Request) -> Response:
+        body = await request.json()
+        name = body.get("model") or body.get("name")
+        if not isinstance(name, str) or not name:
+            raise HTTPError(400, "model is required")
+        try:
+            parse_model_name(name)
+        except InvalidName as exc:
+            raise HTTPError(400, str(exc)) from None
+        if body.get("stream", True) is False:
+            events: list[dict[str, Any]] = []
+
+            async def keep(event: dict[str, Any]) -> None:
+                events.append(event)
+
+            try:
+                await node.pull(name, keep)
+            except PullError as exc:
+                raise HTTPError(404 if "no reachable peer" in str(exc) else 500, str(exc)) from None
+            return json_response(events[-1])
+        return ndjson_response(_pull_stream(node, name))
 
     @router.route("POST", "/api/dmm/refresh")
     async def refresh(request: Request) -> Response:

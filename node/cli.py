@@ -18,7 +18,7 @@ import trio
 
 from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
 from node.local import open_store
-from node.progress import progress_reporter
+from node.progress import progress_reporter, pull_progress
 from node.versions import VersionBook
 from storage.cas import BlobMismatchError, StoreBusyError
 from storage.db import DatabaseError
@@ -522,6 +522,52 @@ def cmd_find(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def cmd_pull(args: argparse.Namespace, config: Config) -> int:
+    """Stream /api/pull from the node and draw it: one bar per blob, with peers and rate."""
+    body = json.dumps({"model": args.name, "stream": True}).encode()
+    url = f"http://{config.api.listen}/api/pull"
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"content-type": "application/json"}
+    )
+    try:
+        response = urllib.request.urlopen(request, timeout=600)
+    except urllib.error.HTTPError as exc:
+        try:
+            reason = json.loads(exc.read()).get("error", exc.reason)
+        except ValueError:
+            reason = exc.reason
+        raise CommandError(f"the node refused the pull: {reason}") from None
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise NodeUnreachable(
+            f"no node answers at http://{config.api.listen} ({getattr(exc, 'reason', exc)}); "
+            "start one with `dmm node start`"
+        ) from None
+    last: dict[str, Any] = {}
+    with response, pull_progress(enabled=not args.json) as show:
+        for line in response:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if "error" in event:
+                raise CommandError(f"pull of {args.name} failed: {event['error']}")
+            show(event)
+            last = event
+    if last.get("status") != "success":
+        raise CommandError(f"pull of {args.name} ended early; run it again to resume")
+    if args.json:
+        emit_json(last)
+    elif last.get("already_complete"):
+        print(f"{args.name} is already complete here; nothing to fetch")
+    else:
+        peers = last.get("peers", [])
+        print(
+            f"pulled {args.name}: {human_size(last.get('bytes_fetched', 0))} fetched from "
+            f"{len(peers)} peer(s), {human_size(last.get('bytes_local', 0))} copied from "
+            "local blobs"
+        )
+    return EXIT_OK
+
+
 # --- parser -------------------------------------------------------------------------------
 
 
@@ -576,6 +622,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node_status)
 
     add("peers", cmd_peers, "peers the running node is connected to")
+
+    p = add("pull", cmd_pull, "pull a model from the peers that hold it (resumes if interrupted)")
+    p.add_argument("name", metavar="NAME[:TAG]")
 
     p = add("find", cmd_find, "find models anywhere on the network by glob, e.g. 'llama*'")
     p.add_argument("glob", metavar="GLOB", help="fnmatch glob over name:tag (quote it)")

@@ -70,6 +70,14 @@ The Kademlia DHT (`KadDht`, a ``KadDHT`` with these handled):
     with ``GET_VALUE``, whose answers name closer peers (and their addresses) too.
     ``GET_PROVIDERS`` answers drop the closer peers' addresses, so provider lookups
     (multihash keys, fine for ``FIND_NODE``) find the closest peers first.
+
+Found later, in Yamux over Noise:
+
+20. A frame write cancelled after Noise encrypted it (``SocketStream.send_all`` checks
+    for cancellation before its first byte) or midway skips a nonce or leaves half a
+    message on the wire: the peer fails to decrypt everything after it and the whole
+    connection dies. Readers write too (window updates), so cancelling a read was enough.
+    `_write_whole_frame` lets cancellation in only before a frame's write begins.
 """
 
 from __future__ import annotations
@@ -98,6 +106,7 @@ from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.provider_store import PROVIDER_RECORD_EXPIRATION_INTERVAL
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.net_stream import NetStream
@@ -129,6 +138,7 @@ from multiaddr import Multiaddr
 __all__ = [
     "COALESCE_BYTES",
     "CONNECTION_CONFIG",
+    "FRAME_WRITE_TIMEOUT",
     "KAD_ADD_PROVIDER_LIMIT",
     "KAD_ADD_PROVIDER_WINDOW",
     "KAD_MAX_PROVIDER_KEY_BYTES",
@@ -154,6 +164,10 @@ log = logging.getLogger("dmm.p2p")
 
 # Defect 2: one connection per peer, so a dial returns as soon as it has one.
 CONNECTION_CONFIG = ConnectionConfig(max_connections_per_peer=1)
+
+# Defect 20: a frame write that has begun may ignore cancellation for this long; past
+# it the connection is taken for dead and closed.
+FRAME_WRITE_TIMEOUT = 30.0
 
 # Defect 7: the largest Noise plaintext, so a full Yamux frame is one Noise message.
 YAMUX_FRAME_BYTES = 65_519
@@ -188,7 +202,7 @@ def _parse_peer_id(peer_id: str) -> ID:
         raise ValueError(f"not a peer id: {peer_id!r}") from exc
 
 
-# --- Yamux (defects 4, 7 and 11) ---------------------------------------------------
+# --- Yamux (defects 4, 7, 11 and 20) -----------------------------------------------
 
 
 class _YamuxStream(YamuxStream):
@@ -247,14 +261,16 @@ class _YamuxStream(YamuxStream):
                 await self._wait_window_changed()
                 continue
             size = min(window, _FRAME_PAYLOAD, total - sent)
-            self.send_window = window - size
             header = struct.pack(YAMUX_HEADER_FORMAT, 0, TYPE_DATA, 0, self.stream_id, size)
             frame = header + view[sent : sent + size]
             # Straight to the secured connection: `Yamux._write_frame` formats a debug
-            # line for every frame, whatever the log level.
-            async with self.conn._write_lock:
-                await self.conn.secured_conn.write(frame)
+            # line for every frame, whatever the log level. The window is taken only
+            # once the frame is sure to go (defect 20).
+            await _write_whole_frame(self.conn, frame, self._take_window, size)
             sent += size
+
+    def _take_window(self, size: int) -> None:
+        self.send_window -= size
 
     async def read(self, n: int | None = -1) -> bytes:
         try:
@@ -267,8 +283,44 @@ class _YamuxStream(YamuxStream):
             raise
 
 
+async def _write_whole_frame(
+    conn: Yamux,
+    frame: bytes,
+    on_start: Callable[[int], None] | None = None,
+    size: int = 0,
+) -> None:
+    """Write one Yamux frame to the secured connection: all of it, or none of it.
+
+    Defect 20: Noise encrypts a frame with the next nonce and only then writes it, so a
+    write cancelled after the encryption (even before its first byte) or midway leaves
+    a skipped nonce or half a message on the wire, and the peer can never decrypt this
+    connection again. Waiting for the lock can be cancelled (nothing is sent yet); once
+    the lock is held, ``on_start(size)`` is called and the write ignores cancellation. A
+    write stuck for `FRAME_WRITE_TIMEOUT` means a dead peer: the connection is closed.
+    """
+    async with conn._write_lock:
+        if on_start is not None:
+            on_start(size)
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FRAME_WRITE_TIMEOUT
+            await conn.secured_conn.write(frame)
+    if scope.cancelled_caught:
+        with trio.CancelScope(shield=True):
+            try:
+                await conn.secured_conn.close()
+            except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
+                log.debug("closing a stuck connection: %r", exc)
+        raise RawConnError(f"a frame write took over {FRAME_WRITE_TIMEOUT:g} s: connection closed")
+
+
 class _Yamux(Yamux):
-    """Yamux whose streams are `_YamuxStream`, and whose close cuts streams off."""
+    """Yamux whose streams are `_YamuxStream`, whose close cuts streams off, and whose
+    frame writes are never cut off by cancellation."""
+
+    async def _write_frame(self, data: bytes) -> None:
+        # Defect 20. (Also skips the library's per-frame debug formatting.)
+        await _write_whole_frame(self, data)
+        await trio.lowlevel.checkpoint()
 
     async def close(self, error_code: int = GO_AWAY_NORMAL) -> None:
         # Defect 11: a stream still receiving when we close the connection reads as a

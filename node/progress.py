@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -56,3 +57,50 @@ def progress_reporter(enabled: bool = True) -> Iterator[Reporter]:
     )
     with progress:
         yield _Bars(progress)
+
+
+@contextlib.contextmanager
+def pull_progress(enabled: bool = True) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """Draws Ollama-style pull events: a bar per blob with bytes, rate, ETA and peers."""
+    console = Console(file=sys.stderr)
+    if not enabled:
+        yield lambda event: None
+        return
+    if not console.is_terminal:
+        seen: set[str] = set()
+
+        def plain(event: dict[str, Any]) -> None:
+            # No terminal: one line per step, not a line per progress tick.
+            status = str(event.get("status", ""))
+            if status not in seen:
+                seen.add(status)
+                print(status, file=sys.stderr)
+
+        yield plain
+        return
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[peers]}"),
+        console=console,
+    )
+    tasks: dict[str, TaskID] = {}
+
+    def draw(event: dict[str, Any]) -> None:
+        digest = event.get("digest")
+        if digest is None or "total" not in event:
+            progress.console.print(str(event.get("status", "")))
+            return
+        peers = event.get("peers", 0)
+        label = f"{peers} peer{'s' if peers != 1 else ''}" if peers else "local"
+        if digest not in tasks:
+            tasks[digest] = progress.add_task(
+                str(event["status"]), total=event["total"], peers=label
+            )
+        progress.update(tasks[digest], completed=event.get("completed", 0), peers=label)
+
+    with progress:
+        yield draw

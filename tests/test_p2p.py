@@ -347,6 +347,55 @@ async def test_small_writes_are_coalesced_and_arrive_in_order() -> None:
             await stream.aclose()
 
 
+async def test_cancelled_reads_and_writes_leave_the_connection_usable() -> None:
+    """Defect 20: a frame write cancelled after Noise encrypted it skipped a nonce (or left
+    half a message), and the peer could decrypt nothing more on that connection.
+
+    Readers write window updates, so cancelled reads did it as well as cancelled writes.
+    Rounds of streams are cut off by timeouts mid-transfer; afterwards a new stream on the
+    same connection must still carry data intact.
+    """
+    payload = os.urandom(1024 * 1024)
+    delays = iter([n / 997 % 0.02 for n in range(1, 1000, 7)])
+
+    async def discard(stream: Stream) -> None:
+        while await stream.receive_some():
+            pass
+
+    async def cut_writer(a: P2PHost, b: P2PHost) -> None:
+        stream = await b.open_stream(a.peer_id, SINK)
+        with trio.move_on_after(next(delays)):
+            while True:
+                await stream.send_all(payload)
+        await stream.reset()
+
+    async def cut_reader(a: P2PHost, b: P2PHost) -> None:
+        stream = await b.open_stream(a.peer_id, ECHO)
+        await stream.send_all(payload * 4)
+        await stream.send_eof()
+        with trio.move_on_after(next(delays) * 2):
+            while await stream.receive_some():
+                pass
+        await stream.reset()
+
+    with trio.fail_after(60):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(SINK, discard)
+            a.set_stream_handler(ECHO, echo)
+            await b.connect(a.listen_addrs[0])
+            for _ in range(15):
+                async with trio.open_nursery() as nursery:
+                    for _ in range(4):
+                        nursery.start_soon(cut_writer, a, b)
+                        nursery.start_soon(cut_reader, a, b)
+            assert len(swarm_of(b).get_connections(ID.from_base58(a.peer_id))) == 1
+            stream = await b.open_stream(a.peer_id, ECHO)
+            await stream.send_all(payload)
+            await stream.send_eof()
+            assert await read_all(stream) == payload
+            await stream.aclose()
+
+
 async def test_64_mib_moves_bit_exact() -> None:
     """64 MiB over one stream arrives bit-exact (sha256), in 1 MiB writes."""
     data = os.urandom(64 * 1024 * 1024)

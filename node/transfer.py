@@ -1,0 +1,794 @@
+"""``/dmm/blocks/1``, fetching side: one blob from many peers at once, verified chunk by chunk.
+
+The serving side is ``node/provider.py``; the protocol is sans-IO in ``protocols/blocks.py``.
+
+``fetch_blob`` assembles a blob in a ``PartialBlob`` (invisible until it is complete and
+its sha256 checked):
+
+1. Open the partial; a previous attempt's verified chunks count as done (resume).
+2. Chunks that any local blob holds are copied from disk (``DeltaTracker``), re-hashed.
+3. The rest come from ``providers`` over one stream each: a ``WantHave`` learns who holds
+   what, then up to ``window`` ``WantBlock`` requests stay in flight per peer. Peers pull
+   work from one queue, so faster peers take more; a peer's window also shrinks with its
+   measured rate relative to the fastest peer's.
+4. Every arriving chunk is hashed and written in a worker thread (``write_chunk``). A bad
+   one is a strike against its peer (``PeerScores.bad``) and goes back to the queue; the
+   strike that bans a peer also disconnects it. A request with no answer (and nothing
+   else from that peer) for ``chunk_timeout`` seconds is cancelled and re-queued
+   (``PeerScores.timeout``). A peer whose stream dies has its requests re-queued.
+5. Progress is made durable every 16 MiB or 1 s; a cancelled or failed fetch leaves the
+   partial for the next attempt.
+6. ``PartialBlob.finish`` hashes the whole blob and renames it into place; only then is
+   the chunk index written to the database and the delta recorded.
+
+Errors: ``TransferError`` when no provider could supply some chunks (the partial stays)
+or the chunk list does not describe the blob; ``PartialBusy`` when another fetch of the
+same blob is running; disk errors (``StoreFullError``, ``OSError``) as they are.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import heapq
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+import trio
+
+from node.p2p import P2PError, P2PHost, Stream
+from node.peerscore import PeerScores
+from protocols.blocks import (
+    DEFAULT_MAX_BLOCK,
+    DEFAULT_MAX_WANTLIST,
+    MAX_BLOCK_LIMIT,
+    MAX_IDS_PER_MESSAGE,
+    NEED_DATA,
+    PROTOCOL_ID,
+    Block,
+    BlockExchange,
+    BufferLike,
+    Cancel,
+    DontHave,
+    EndOfStream,
+    ErrorReply,
+    HaveReply,
+    Role,
+    WantBlock,
+    WantHave,
+)
+from protocols.errors import LocalProtocolError, RemoteProtocolError
+from storage.chunks import BlobIndex, ChunkRef, MiB
+from storage.delta import DeltaPlan, DeltaTracker
+from storage.names import parse_digest
+from storage.partial import BadChunkList, BlobIncomplete, ChunkMismatch, PartialBlob
+from storage.store import ModelStore
+
+__all__ = ["FetchResult", "TransferError", "fetch_blob"]
+
+log = logging.getLogger("dmm.transfer")
+
+# Progress is made durable after this many bytes or this many seconds, whichever first.
+FLUSH_BYTES = 16 * MiB
+FLUSH_INTERVAL = 1.0
+# How many times a blob that fails its final check is repaired before giving up.
+MAX_FINISH_ATTEMPTS = 3
+# Timeouts of one chunk at one peer before that peer is not asked for it again.
+MAX_TIMEOUTS_PER_CHUNK = 3
+# Sending a few requests or cancels should never take long; a peer that does not read
+# them for this long is dropped.
+WRITE_TIMEOUT = 10.0
+# How long a finished peer gets to end its side of the stream before it is reset.
+CLOSE_GRACE = 2.0
+# Worker threads hashing and writing chunks, per fetch unless a limiter is passed.
+DEFAULT_WRITE_THREADS = 4
+
+_T = TypeVar("_T")
+
+
+class TransferError(RuntimeError):
+    """The blob could not be fetched; ``missing`` chunks are still absent (the partial
+    stays for a later attempt unless the chunk list itself was wrong)."""
+
+    def __init__(self, digest: str, message: str, missing: int = 0) -> None:
+        super().__init__(f"blob {digest}: {message}")
+        self.digest = digest
+        self.missing = missing
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    """What one ``fetch_blob`` call did.
+
+    ``bytes_local`` were copied from other local blobs, ``bytes_fetched`` came over the
+    network (verified chunk bytes, each distinct chunk counted once), ``bytes_resumed``
+    were already in the partial from an earlier attempt.
+    """
+
+    path: Path
+    bytes_local: int
+    bytes_fetched: int
+    bytes_by_peer: dict[str, int]
+    peers_used: tuple[str, ...]
+    bytes_resumed: int = 0
+
+
+async def fetch_blob(
+    host: P2PHost,
+    store: ModelStore,
+    scores: PeerScores,
+    *,
+    model: str,
+    digest: str,
+    size: int,
+    chunks: Sequence[ChunkRef],
+    providers: Sequence[str],
+    on_progress: Callable[[int], None] | None = None,
+    window: int = 8,
+    chunk_timeout: float = 20.0,
+    source: str | None = None,
+    limiter: trio.CapacityLimiter | None = None,
+) -> FetchResult:
+    """Fetch blob ``digest`` (``size`` bytes, cut into ``chunks``) for ``model``.
+
+    ``providers`` are peer ids to ask (ourselves and banned peers are skipped).
+    ``on_progress(n)`` is called on the event loop each time ``n`` more bytes of the
+    blob are in place (resumed and local bytes first, then each chunk). ``source`` is
+    the older version the delta is recorded against. ``limiter`` bounds the worker
+    threads hashing and writing (one per fetch when not given). Returns when the blob is
+    in the store under its name, indexed.
+    """
+    digest = parse_digest(digest)
+    if not 1 <= window <= DEFAULT_MAX_WANTLIST:
+        raise ValueError(f"window must be in 1..{DEFAULT_MAX_WANTLIST}, not {window}")
+    if chunk_timeout <= 0:
+        raise ValueError("chunk_timeout must be positive")
+    limiter = limiter or trio.CapacityLimiter(DEFAULT_WRITE_THREADS)
+    cas = store.cas
+
+    async def in_thread(fn: Callable[[], _T]) -> _T:
+        return await trio.to_thread.run_sync(fn, limiter=limiter)
+
+    if await in_thread(partial(cas.location, digest)) == "file":
+        log.info("blob %s of %s is already in the store", digest, model)
+        return FetchResult(cas.path(digest), 0, 0, {}, ())
+    try:
+        blob = await in_thread(partial(PartialBlob.open, cas, digest, size, chunks))
+    except ValueError as exc:
+        raise TransferError(digest, f"unusable chunk list: {exc}") from exc
+    tracker = DeltaTracker(store.db, cas)
+    try:
+        resumed = blob.done_bytes
+        plan = await in_thread(partial(tracker.create_delta, model, source, blob.chunks, digest))
+        copied = await in_thread(partial(tracker.apply_delta, blob, plan))
+        if on_progress is not None and resumed + copied:
+            on_progress(resumed + copied)
+        log.info(
+            "fetching blob %s of %s: %d bytes in %d chunks; %d resumed, %d copied locally",
+            digest,
+            model,
+            size,
+            len(blob.chunks),
+            resumed,
+            copied,
+        )
+        fetched = 0
+        by_peer: collections.Counter[str] = collections.Counter()
+        dropped: set[str] = set()  # peers that failed this fetch: not asked again
+        started = trio.current_time()
+        for attempt in range(1, MAX_FINISH_ATTEMPTS + 1):
+            missing = blob.missing()
+            if missing:
+                session = _Session(
+                    host,
+                    blob,
+                    scores,
+                    model=model,
+                    indices=missing,
+                    peers=_usable(host, scores, providers, dropped, digest),
+                    window=window,
+                    chunk_timeout=chunk_timeout,
+                    limiter=limiter,
+                    on_progress=on_progress,
+                )
+                stuck = await session.run()
+                fetched += session.bytes_fetched
+                by_peer.update(session.bytes_by_peer)
+                dropped |= session.dropped
+                if stuck:
+                    raise TransferError(
+                        digest,
+                        f"{stuck} of {len(blob.chunks)} chunks could not be fetched from "
+                        f"{len(providers)} provider(s); the partial is kept for a later pull",
+                        missing=stuck,
+                    )
+            try:
+                path = await in_thread(partial(blob.finish, store.params))
+                break
+            except BlobIncomplete as exc:
+                log.warning("blob %s (attempt %d): %s; fetching them again", digest, attempt, exc)
+            except BadChunkList as exc:
+                raise TransferError(digest, f"wrong chunk list: {exc}") from exc
+        else:
+            raise TransferError(
+                digest,
+                f"still corrupt on disk after {MAX_FINISH_ATTEMPTS} attempts",
+                missing=len(blob.missing()),
+            )
+        index = blob.index
+        assert index is not None  # finish() sets it
+        await in_thread(partial(_record, store, tracker, index, path, model, source, plan, fetched))
+    finally:
+        # After finish this does nothing; otherwise it saves progress for a resume.
+        with trio.CancelScope(shield=True):
+            await in_thread(blob.close)
+    seconds = trio.current_time() - started
+    log.info(
+        "fetched blob %s of %s: %d bytes from %d peer(s) in %.2f s (%.1f MB/s), %d local",
+        digest,
+        model,
+        fetched,
+        len(by_peer),
+        seconds,
+        fetched / max(seconds, 1e-6) / 1e6,
+        copied,
+    )
+    return FetchResult(
+        path=path,
+        bytes_local=copied,
+        bytes_fetched=fetched,
+        bytes_by_peer=dict(by_peer),
+        peers_used=tuple(sorted(peer for peer, n in by_peer.items() if n)),
+        bytes_resumed=resumed,
+    )
+
+
+def _usable(
+    host: P2PHost,
+    scores: PeerScores,
+    providers: Sequence[str],
+    dropped: set[str],
+    digest: str,
+) -> list[str]:
+    usable: list[str] = []
+    for peer in dict.fromkeys(providers):
+        if peer == host.peer_id or peer in dropped:
+            continue
+        if scores.is_banned(peer):
+            log.info("blob %s: not asking banned peer %s", digest, peer)
+            continue
+        usable.append(peer)
+    return usable
+
+
+def _record(
+    store: ModelStore,
+    tracker: DeltaTracker,
+    index: BlobIndex,
+    path: Path,
+    model: str,
+    source: str | None,
+    plan: DeltaPlan,
+    fetched: int,
+) -> None:
+    """The database learns of the blob only now that it is complete and in place."""
+    store.db.put_blob_index(index, path.stat().st_mtime_ns)
+    tracker.record_delta(model, source, index.digest, plan, fetched)
+
+
+# --------------------------------------------------------------------------- session
+
+
+@dataclass(slots=True)
+class _Unit:
+    """One distinct chunk to fetch: its bytes fill every index in ``indices``."""
+
+    number: int
+    chunk_id: bytes
+    indices: list[int]
+    offset: int  # of the first index, where providers holding this blob find it
+    length: int
+
+
+class _PeerFailed(Exception):
+    """This peer cannot be used any more for this fetch."""
+
+
+@dataclass(eq=False, slots=True)
+class _Peer:
+    peer_id: str
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    active: bool = True
+    known: bool = False  # every WantHave answered
+    has: set[int] = field(default_factory=set)
+    heap: list[int] = field(default_factory=list)  # units it has, lowest first
+    wants: dict[int, float] = field(default_factory=dict)  # WantHave id -> sent at
+    requests: dict[int, tuple[int, float]] = field(default_factory=dict)  # id -> (unit, sent)
+    writing: int = 0  # blocks from it being hashed and written
+    last_arrival: float = 0.0  # of its latest reply
+    timeouts: collections.Counter[int] = field(default_factory=collections.Counter)
+    banned: bool = False
+
+
+class _Link:
+    """The stream to one peer and its client machine; sends are serialised and whole."""
+
+    def __init__(self, stream: Stream, conn: BlockExchange) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.lock = trio.Lock()
+        self.eof_sent = False
+        self.clean = False  # both sides ended the stream properly
+        self.reader_done = trio.Event()
+
+    async def write(self, data: bytes) -> None:
+        # Called with `lock` held. Half a frame on the wire would corrupt the stream:
+        # finish the write or give up on the stream, whatever cancels the caller.
+        with trio.CancelScope(shield=True):
+            try:
+                with trio.fail_after(WRITE_TIMEOUT):
+                    if data:
+                        await self.stream.send_all(data)
+                        await self.stream.flush()
+            except trio.TooSlowError:
+                raise _PeerFailed(f"read nothing we sent for {WRITE_TIMEOUT:g} s") from None
+
+    async def close_send(self) -> None:
+        async with self.lock:
+            self.conn.send(EndOfStream())
+            with trio.CancelScope(shield=True):
+                try:
+                    with trio.fail_after(WRITE_TIMEOUT):
+                        await self.stream.send_eof()
+                except trio.TooSlowError:
+                    raise _PeerFailed("did not take our end of stream") from None
+            self.eof_sent = True
+
+
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+_PEER_ERRORS = (
+    *_BROKEN,
+    trio.TooSlowError,
+    RemoteProtocolError,
+    _PeerFailed,
+)
+
+
+class _Session:
+    """Fetches the chunks at ``indices`` of a partial blob from ``peers``.
+
+    ``run`` returns how many chunk indices could not be fetched (0 = all written).
+    """
+
+    def __init__(
+        self,
+        host: P2PHost,
+        blob: PartialBlob,
+        scores: PeerScores,
+        *,
+        model: str,
+        indices: Sequence[int],
+        peers: Sequence[str],
+        window: int,
+        chunk_timeout: float,
+        limiter: trio.CapacityLimiter,
+        on_progress: Callable[[int], None] | None,
+    ) -> None:
+        self.host = host
+        self.blob = blob
+        self.digest = blob.digest
+        self.scores = scores
+        self.model = model
+        self.window = window
+        self.chunk_timeout = chunk_timeout
+        self.limiter = limiter
+        self.on_progress = on_progress
+        # Equal chunks at several indices are fetched once.
+        by_id: dict[bytes, _Unit] = {}
+        for i in sorted(indices):
+            ref = blob.chunks[i]
+            unit = by_id.get(ref.digest)
+            if unit is None:
+                unit = by_id[ref.digest] = _Unit(len(by_id), ref.digest, [], ref.offset, ref.length)
+            unit.indices.append(i)
+        self.units = list(by_id.values())
+        self.unit_of = {unit.chunk_id: unit.number for unit in self.units}
+        self.max_block = min(
+            MAX_BLOCK_LIMIT, max([DEFAULT_MAX_BLOCK, *(u.length for u in self.units)])
+        )
+        self.peers = [_Peer(peer) for peer in peers]
+        self.pending: set[int] = set(range(len(self.units)))  # waiting for a peer
+        self.assigned: dict[int, _Peer] = {}  # requested from, or being written from
+        self.remaining: set[int] = set(self.pending)  # not written yet
+        self.bytes_fetched = 0
+        self.bytes_by_peer: collections.Counter[str] = collections.Counter()
+        self.dropped: set[str] = set()
+        self.finished = trio.Event()
+        self._changed = trio.Event()
+        self._writes: trio.Nursery | None = None
+        self._unflushed = 0
+        self._dirty = trio.Event()
+        self._flush_due = trio.Event()
+
+    # ---------------------------------------------------------------- running
+
+    async def run(self) -> int:
+        if not self.remaining:
+            return 0
+        if not self.peers:
+            log.warning("blob %s of %s: no provider to ask", self.digest, self.model)
+            return self._stuck_indices()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self._flusher)
+            # Writes outlive the peer that sent them: a good chunk from a peer that
+            # dies right after is still written.
+            async with trio.open_nursery() as writes:
+                self._writes = writes
+                async with trio.open_nursery() as peers:
+                    for peer in self.peers:
+                        peers.start_soon(self._run_peer, peer)
+            outer.cancel_scope.cancel()
+        # Progress since the last flush is saved by finish() or close(), whichever follows.
+        return self._stuck_indices()
+
+    def _stuck_indices(self) -> int:
+        return sum(len(self.units[u].indices) for u in self.remaining)
+
+    async def _flusher(self) -> None:
+        while True:
+            await self._dirty.wait()
+            with trio.move_on_after(FLUSH_INTERVAL):
+                await self._flush_due.wait()
+            self._dirty, self._flush_due, self._unflushed = trio.Event(), trio.Event(), 0
+            await trio.to_thread.run_sync(self.blob.flush, limiter=self.limiter)
+
+    # ------------------------------------------------------------- bookkeeping
+
+    def _notify(self) -> None:
+        """Something changed: re-check whether we are done, wake every waiting task."""
+        if not self.finished.is_set():
+            # Done when every chunk is written, or when nothing is in flight and no
+            # peer left can supply any chunk still missing.
+            stuck = not self.assigned and not any(self._obtainable(u) for u in self.pending)
+            if not self.remaining or stuck:
+                self.finished.set()
+        self._changed.set()
+        self._changed = trio.Event()
+
+    def _obtainable(self, unit: int) -> bool:
+        return any(p.active and (not p.known or unit in p.has) for p in self.peers)
+
+    async def _wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def _take_for(self, peer: _Peer) -> int | None:
+        while peer.heap:
+            unit = heapq.heappop(peer.heap)
+            if unit in self.pending and unit in peer.has:
+                self.pending.discard(unit)
+                self.assigned[unit] = peer
+                return unit
+        return None
+
+    def _requeue(self, unit: int, peer: _Peer) -> None:
+        """``peer`` no longer works on ``unit``: give it back to the queue."""
+        if self.assigned.get(unit) is not peer:
+            return
+        del self.assigned[unit]
+        if unit not in self.remaining:
+            return
+        self.pending.add(unit)
+        for other in self.peers:
+            if other.active and unit in other.has:
+                heapq.heappush(other.heap, unit)
+
+    def _limit(self, peer: _Peer) -> int:
+        """Requests ``peer`` may have in flight: the window, scaled by its rate relative
+        to the fastest active peer's (unknown rates get the whole window)."""
+        rate = self.scores.rate(peer.peer_id)
+        best = max((self.scores.rate(p.peer_id) for p in self.peers if p.active), default=0.0)
+        if rate <= 0 or best <= 0:
+            return self.window
+        return max(min(2, self.window), min(self.window, math.ceil(self.window * rate / best)))
+
+    def _peer_done(self, peer: _Peer) -> bool:
+        return (
+            peer.known
+            and not peer.requests
+            and not peer.writing
+            and peer.has.isdisjoint(self.remaining)
+        )
+
+    # ------------------------------------------------------------------ a peer
+
+    async def _run_peer(self, peer: _Peer) -> None:
+        link: _Link | None = None
+        try:
+            with peer.scope:
+                try:
+                    with trio.fail_after(self.chunk_timeout):
+                        stream = await self.host.open_stream(peer.peer_id, PROTOCOL_ID)
+                except (P2PError, trio.TooSlowError) as exc:
+                    raise _PeerFailed(f"no stream: {exc}") from exc
+                link = _Link(
+                    stream,
+                    BlockExchange(Role.CLIENT, max_frame=self.max_block, max_in_flight=self.window),
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._reader, peer, link)
+                    nursery.start_soon(self._timer, peer, link)
+                    await self._sender(peer, link)
+                    with trio.move_on_after(CLOSE_GRACE):
+                        await link.reader_done.wait()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if not _only(exc, _PEER_ERRORS):
+                raise
+            reason = _first(exc)
+            log.info("blob %s: dropped peer %s: %s", self.digest, peer.peer_id, reason)
+            self.dropped.add(peer.peer_id)
+            if isinstance(reason, RemoteProtocolError):
+                banned = self.scores.bad(peer.peer_id, f"broke /dmm/blocks/1: {reason}")
+                peer.banned = banned or self.scores.is_banned(peer.peer_id)
+        finally:
+            peer.active = False
+            for unit, _ in peer.requests.values():
+                self._requeue(unit, peer)
+            peer.requests.clear()
+            with trio.CancelScope(shield=True):
+                if link is not None:
+                    if link.clean:
+                        with contextlib.suppress(*_BROKEN):
+                            await link.stream.aclose()
+                    else:
+                        await link.stream.reset()
+                if peer.banned:
+                    self.dropped.add(peer.peer_id)
+                    log.warning("blob %s: disconnecting banned peer %s", self.digest, peer.peer_id)
+                    with trio.move_on_after(WRITE_TIMEOUT):
+                        try:
+                            await self.host.disconnect(peer.peer_id)
+                        except Exception as exc:  # the library raises what it likes
+                            log.info("disconnecting %s failed: %r", peer.peer_id, exc)
+            self._notify()
+
+    async def _sender(self, peer: _Peer, link: _Link) -> None:
+        conn = link.conn
+        # Who has what: ask about every chunk still wanted, in as few requests as fit.
+        ids = [u.chunk_id for u in self.units if u.number in self.remaining]
+        batches = [
+            ids[i : i + MAX_IDS_PER_MESSAGE] for i in range(0, len(ids), MAX_IDS_PER_MESSAGE)
+        ]
+        if not batches:
+            peer.known = True
+        for batch in batches:
+            while len(conn.outstanding) >= self.window:
+                await self._wait_changed()
+            async with link.lock:
+                rid = conn.next_request_id
+                data = conn.send(WantHave(rid, tuple(batch)))
+                peer.wants[rid] = trio.current_time()
+                self._notify()  # the timer has a new deadline
+                await link.write(data)
+        while not self.finished.is_set() and not self._peer_done(peer):
+            room = self._limit(peer) - len(conn.outstanding) - peer.writing
+            if room <= 0 or not peer.heap:
+                await self._wait_changed()
+                continue
+            async with link.lock:
+                parts: list[bytes] = []
+                now = trio.current_time()
+                for _ in range(room):
+                    unit_number = self._take_for(peer)
+                    if unit_number is None:
+                        break
+                    unit = self.units[unit_number]
+                    rid = conn.next_request_id
+                    parts.append(
+                        conn.send(
+                            WantBlock(rid, unit.chunk_id, self.digest, unit.offset, unit.length)
+                        )
+                    )
+                    peer.requests[rid] = (unit_number, now)
+                if parts:
+                    self._notify()  # the timer has a new deadline
+                    await link.write(b"".join(parts))
+            if not parts:
+                await self._wait_changed()
+        await link.close_send()
+
+    async def _reader(self, peer: _Peer, link: _Link) -> None:
+        conn = link.conn
+        try:
+            while True:
+                event = conn.next_event()
+                if event is NEED_DATA:
+                    data = await link.stream.receive_some(conn.max_read)
+                    if data:
+                        conn.receive_data(data)
+                    else:
+                        conn.receive_eof()
+                elif isinstance(event, Block):
+                    self._on_block(peer, event)
+                elif isinstance(event, HaveReply):
+                    self._on_have(peer, event.request_id, event.have)
+                elif isinstance(event, DontHave):
+                    self._on_refused(peer, event.request_id, "does not have it")
+                elif isinstance(event, ErrorReply):
+                    if event.request_id is None:
+                        raise _PeerFailed(f"ended the stream: {event.code}: {event.message}")
+                    self._on_refused(peer, event.request_id, f"{event.code}: {event.message}")
+                elif isinstance(event, EndOfStream):
+                    if not link.eof_sent:
+                        raise _PeerFailed("ended the stream early")
+                    link.clean = True
+                    return
+                else:  # the machine only lets a server send replies
+                    raise AssertionError(f"unexpected blocks event {event!r}")
+        finally:
+            link.reader_done.set()
+
+    def _on_have(self, peer: _Peer, rid: int, have: tuple[bytes, ...]) -> None:
+        peer.wants.pop(rid, None)
+        peer.last_arrival = trio.current_time()
+        for chunk_id in have:
+            unit = self.unit_of[chunk_id]
+            if unit in self.remaining:
+                peer.has.add(unit)
+                heapq.heappush(peer.heap, unit)
+        if not peer.wants:
+            peer.known = True
+            log.debug(
+                "blob %s: peer %s has %d of the %d chunks wanted",
+                self.digest,
+                peer.peer_id,
+                len(peer.has),
+                len(self.units),
+            )
+        self._notify()
+
+    def _on_refused(self, peer: _Peer, rid: int, reason: str) -> None:
+        if rid in peer.wants:
+            # A refused WantHave: as if it had none of those.
+            self._on_have(peer, rid, ())
+            return
+        entry = peer.requests.pop(rid, None)
+        if entry is None:
+            return
+        unit = entry[0]
+        log.info(
+            "blob %s: peer %s refused chunk %d: %s",
+            self.digest,
+            peer.peer_id,
+            self.units[unit].indices[0],
+            reason,
+        )
+        peer.has.discard(unit)
+        self._requeue(unit, peer)
+        self._notify()
+
+    def _on_block(self, peer: _Peer, block: Block) -> None:
+        entry = peer.requests.pop(block.request_id, None)
+        if entry is None:  # the machine drops replies to cancelled requests
+            return
+        unit, sent = entry
+        now = trio.current_time()
+        # Requests are pipelined: the time this block took is since the later of its
+        # request and the previous arrival, not since its request alone.
+        seconds = now - max(sent, peer.last_arrival)
+        peer.last_arrival = now
+        peer.writing += 1
+        assert self._writes is not None
+        self._writes.start_soon(self._land, peer, unit, block.data, seconds)
+        self._notify()
+
+    async def _land(self, peer: _Peer, unit_number: int, data: BufferLike, seconds: float) -> None:
+        unit = self.units[unit_number]
+        landed = False
+        try:
+            try:
+                await trio.to_thread.run_sync(
+                    partial(self._write_unit, unit, data), limiter=self.limiter
+                )
+            except ChunkMismatch as exc:
+                self._bad_block(peer, unit, str(exc))
+                return
+            landed = True
+            # No checkpoint from here on: the bookkeeping matches what is on disk.
+            self.remaining.discard(unit_number)
+            self.assigned.pop(unit_number, None)
+            self.bytes_fetched += unit.length
+            self.bytes_by_peer[peer.peer_id] += unit.length
+            self.scores.good(peer.peer_id, unit.length, seconds)
+            written = unit.length * len(unit.indices)
+            self._unflushed += written
+            self._dirty.set()
+            if self._unflushed >= FLUSH_BYTES:
+                self._flush_due.set()
+            if self.on_progress is not None:
+                self.on_progress(written)
+        finally:
+            peer.writing -= 1
+            if not landed:
+                self._requeue(unit_number, peer)
+            self._notify()
+
+    def _write_unit(self, unit: _Unit, data: BufferLike) -> None:
+        for index in unit.indices:
+            self.blob.write_chunk(index, data)
+
+    def _bad_block(self, peer: _Peer, unit: _Unit, reason: str) -> None:
+        peer.has.discard(unit.number)
+        banned = self.scores.bad(peer.peer_id, f"blob {self.digest}: {reason}")
+        if banned or self.scores.is_banned(peer.peer_id):
+            peer.banned = True
+            peer.active = False
+            peer.scope.cancel()
+
+    async def _timer(self, peer: _Peer, link: _Link) -> None:
+        """Cancels and re-queues requests the peer has left unanswered for ``chunk_timeout``
+        while sending nothing else; drops a peer that does not say what it has."""
+        timeout = self.chunk_timeout
+        while True:
+            sent = [at for _, at in peer.requests.values()] + list(peer.wants.values())
+            if not sent:
+                await self._wait_changed()
+                continue
+            now = trio.current_time()
+            deadline = max(min(sent), peer.last_arrival) + timeout
+            if now < deadline:
+                with trio.move_on_at(deadline):
+                    await self._wait_changed()
+                continue
+            if any(max(at, peer.last_arrival) + timeout <= now for at in peer.wants.values()):
+                raise _PeerFailed(f"did not say which chunks it has within {timeout:g} s")
+            expired = [
+                rid
+                for rid, (_, at) in peer.requests.items()
+                if max(at, peer.last_arrival) + timeout <= now
+            ]
+            async with link.lock:
+                parts: list[bytes] = []
+                for rid in expired:
+                    unit, _ = peer.requests.pop(rid)
+                    self._expire(peer, unit)
+                    try:
+                        parts.append(link.conn.send(Cancel(rid)))
+                    except LocalProtocolError as exc:
+                        raise _PeerFailed(f"answers nothing: {exc}") from None
+                self._notify()
+                await link.write(b"".join(parts))
+
+    def _expire(self, peer: _Peer, unit: int) -> None:
+        self.scores.timeout(peer.peer_id)
+        peer.timeouts[unit] += 1
+        others = any(p is not peer and p.active and unit in p.has for p in self.peers)
+        log.info(
+            "blob %s: chunk %d timed out at peer %s (%d time(s)); asking %s",
+            self.digest,
+            self.units[unit].indices[0],
+            peer.peer_id,
+            peer.timeouts[unit],
+            "another peer" if others else "again",
+        )
+        if others or peer.timeouts[unit] >= MAX_TIMEOUTS_PER_CHUNK:
+            peer.has.discard(unit)
+        self._requeue(unit, peer)
+
+
+def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
+    """Whether ``exc`` is, or is a group of nothing but, ``types``."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(types)[1] is None
+    return isinstance(exc, types)
+
+
+def _first(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,112 @@
+"""Pulling models between real nodes: bit-exact, manifest last, Ollama's progress stream,
+nothing moves when complete, and a followed model arrives on its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+
+from node.daemon import Node, open_node
+from node.testing import node_config, open_swarm
+from storage.names import parse_model_name
+from tests.conftest import MakeModel
+
+MiB = 1024 * 1024
+
+
+async def _add(node: Node, make_model: MakeModel, name: str, size: int, **kw: Any) -> Path:
+    path = make_model(f"{name.replace(':', '_')}.gguf", size=size, **kw)
+    await trio.to_thread.run_sync(
+        lambda: node.store.add_model(name, path, template="{{ .Prompt }}")
+    )
+    await node.refresh()
+    return path
+
+
+async def test_pull_is_bit_exact_and_writes_the_manifest_last(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    async with open_swarm(tmp_path, 2) as (a, b):
+        source = await _add(a, make_model, "pulled:v1", 24 * MiB)
+        events: list[dict[str, Any]] = []
+
+        async def record(event: dict[str, Any]) -> None:
+            # Until "writing manifest", the model must not be visible in b's store.
+            if event["status"] != "success":
+                assert b.store.layout.read(parse_model_name("pulled:v1")) is None
+            events.append(event)
+
+        with trio.fail_after(60):
+            result = await b.pull("pulled:v1", record)
+        assert result["already_complete"] is False and result["peers"] == [a.peer_id]
+        stored = b.store.get("pulled:v1")
+        assert stored.raw == a.store.get("pulled:v1").raw
+        model_layer = stored.manifest.layers[0]
+        assert b.store.cas.path(model_layer.digest).read_bytes() == source.read_bytes()
+        statuses = [e["status"] for e in events]
+        assert statuses[0] == "pulling manifest"
+        assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+        assert any(s == f"pulling {model_layer.digest[7:19]}" for s in statuses)
+        assert b.store.verify("pulled:v1").ok
+        # Complete already: reported as such, nothing moves.
+        again: list[dict[str, Any]] = []
+
+        async def keep(event: dict[str, Any]) -> None:
+            again.append(event)
+
+        second = await b.pull("pulled:v1", keep)
+        assert second["already_complete"] is True and second["bytes_fetched"] == 0
+        assert again == [
+            {"status": "pulling manifest"},
+            {"status": "success", "already_complete": True},
+        ]
+
+
+async def test_api_pull_streams_ollama_progress(tmp_path: Path, make_model: MakeModel) -> None:
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await _add(a, make_model, "streamed:q4", 6 * MiB)
+        async with httpx.AsyncClient(base_url=b.api_urls[0], timeout=60) as client:
+            async with client.stream("POST", "/api/pull", json={"model": "streamed:q4"}) as r:
+                assert r.status_code == 200
+                assert r.headers["content-type"].startswith("application/x-ndjson")
+                lines = [json.loads(line) async for line in r.aiter_lines() if line.strip()]
+            assert lines[0] == {"status": "pulling manifest"}
+            assert lines[-1]["status"] == "success"
+            layer = [e for e in lines if "digest" in e]
+            assert layer and all({"digest", "total", "completed"} <= set(e) for e in layer)
+            assert max(e["completed"] for e in layer) == max(e["total"] for e in layer)
+            once = await client.post("/api/pull", json={"model": "streamed:q4", "stream": False})
+            assert once.json() == {"status": "success", "already_complete": True}
+            missing = await client.post("/api/pull", json={"model": "nobody-has-this"})
+            lines = [json.loads(x) for x in missing.text.splitlines() if x.strip()]
+            assert "error" in lines[-1] and "no reachable peer" in lines[-1]["error"]
+            bad = await client.post("/api/pull", json={"model": "../../etc"})
+            assert bad.status_code == 400
+
+
+async def test_a_followed_model_is_pulled_when_announced(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    async with open_swarm(tmp_path, 1) as (a,):
+        config = node_config(
+            tmp_path, "follower", [a.host.listen_addrs[0]], extra='[sync]\nfollow = ["auto*"]\n'
+        )
+        async with open_node(config) as follower:
+            with trio.fail_after(20):
+                while a.peer_id not in follower.host.connected_peers():
+                    await trio.sleep(0.05)
+                await follower.announcer.wait_for_peer(a.peer_id)
+            await _add(a, make_model, "auto-model:v1", 3 * MiB)
+            await _add(a, make_model, "ignored:v1", 1 * MiB, seed=4)
+            with trio.fail_after(60):
+                while True:
+                    names = {m.name.display for m in follower.store.list_models()}
+                    if "auto-model:v1" in names:
+                        break
+                    await trio.sleep(0.1)
+            assert "ignored:v1" not in names
+            assert follower.store.verify("auto-model:v1").ok
