@@ -523,8 +523,12 @@ class _Session:
                     nursery.start_soon(self._reader, peer, link)
                     nursery.start_soon(self._timer, peer, link)
                     await self._sender(peer, link)
-                    with trio.move_on_after(CLOSE_GRACE):
-                        await link.reader_done.wait()
+                    # The server ends its side once it has answered everything. One that
+                    # may still be working on requests we cancelled is not waited for:
+                    # the stream is reset instead.
+                    if not link.conn.cancelled:
+                        with trio.move_on_after(CLOSE_GRACE):
+                            await link.reader_done.wait()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
             if not _only(exc, _PEER_ERRORS):

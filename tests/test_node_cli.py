@@ -101,9 +101,22 @@ def test_node_processes_serve_status_find_and_stop_cleanly(
     assert first.peer_id in [p["peer_id"] for p in peers]
     from_third = json.loads(dmm(third.config, "find", "shared*", "--json").stdout)["models"]
     assert [m["peers"] for m in from_third] == [[first.peer_id]]
+    pulled = dmm(second.config, "pull", "shared-model:v1")
+    assert "pulled shared-model:v1" in pulled.stdout and "from 1 peer(s)" in pulled.stdout
+    assert "shared-model:v1" in dmm(second.config, "ls").stdout
+    again = dmm(second.config, "pull", "shared-model:v1")
+    assert "already complete" in again.stdout
+    blob = tmp_path / "second" / "models" / "blobs" / ("sha256-" + _model_blob(first.config))
+    assert blob.read_bytes() == gguf.read_bytes()
     for node in (first, second, third):
         assert node.stop() < 2.5  # "clean shutdown within 2 s", plus process exit
         assert node.proc.returncode == 0
+
+
+def _model_blob(config: Path) -> str:
+    shown = json.loads(dmm(config, "show", "shared-model:v1", "--json").stdout)
+    [model] = [layer for layer in shown["layers"] if layer["mediaType"].endswith(".model")]
+    return str(model["digest"])[7:]
 
 
 def test_remote_commands_without_a_node_say_what_to_do(tmp_path: Path) -> None:
