@@ -59,6 +59,7 @@ from protocols.blocks import (
     ErrorReply,
     HaveReply,
     Role,
+    State,
     WantBlock,
     WantHave,
 )
@@ -326,6 +327,11 @@ class _Link:
         self.clean = False  # both sides ended the stream properly
         self.reader_done = trio.Event()
 
+    def check_open(self) -> None:
+        """Raise ``_PeerFailed`` once the server has ended its side: no request may follow."""
+        if self.conn.their_state is not State.OPEN:
+            raise _PeerFailed("ended its side of the stream")
+
     async def write(self, data: bytes) -> None:
         # Called with `lock` held. Half a frame on the wire would corrupt the stream:
         # finish the write or give up on the stream, whatever cancels the caller.
@@ -574,6 +580,7 @@ class _Session:
             while len(conn.outstanding) >= self.window:
                 await self._wait_changed()
             async with link.lock:
+                link.check_open()
                 rid = conn.next_request_id
                 data = conn.send(WantHave(rid, tuple(batch)))
                 peer.wants[rid] = trio.current_time()
@@ -585,6 +592,7 @@ class _Session:
                 await self._wait_changed()
                 continue
             async with link.lock:
+                link.check_open()
                 parts: list[bytes] = []
                 now = trio.current_time()
                 for _ in range(room):

@@ -9,8 +9,10 @@ here is blocking and meant to run on a worker thread (``trio.to_thread``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from storage.manifest import (
 )
 from storage.names import ModelName, parse_model_name
 from storage.ollama_store import BrokenManifest, OllamaLayout, StoredManifest
+from storage.partial import PARTIAL_SUFFIX, PROGRESS_SUFFIX, stale_partials
 
 # reporter(label, total_bytes) -> advance(n): how long work shows progress.
 Reporter = Callable[[str, int], Progress]
@@ -437,7 +440,9 @@ class ModelStore:
                 if not dry_run:
                     self.cas.delete(digest)
                     self.db.delete_blob(digest)
-            report.temp_files = self.cas.stale_temp_files(older_than)
+            report.temp_files = self.cas.stale_temp_files(older_than) + [
+                p for p in stale_partials(self.cas, older_than) if not _in_use(p)
+            ]
             if not dry_run:
                 for tmp in report.temp_files:
                     tmp.unlink(missing_ok=True)
@@ -464,6 +469,26 @@ class ModelStore:
         self.db.set_location(digest, "file")
         if row is not None:
             self.db.mark_verified(digest, path.stat().st_mtime_ns)
+
+
+def _in_use(path: Path) -> bool:
+    """Whether a fetch holds this partial (its flock); sidecars follow their data file."""
+    data = (
+        path
+        if path.name.endswith(PARTIAL_SUFFIX)
+        else path.with_name(path.name.split(PROGRESS_SUFFIX)[0] + PARTIAL_SUFFIX)
+    )
+    try:
+        fd = os.open(data, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _disk_size(cas: ContentAddressedStore, digest: str) -> int:

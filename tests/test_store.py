@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -351,3 +352,27 @@ def test_killed_add_leaves_no_model_and_no_named_blob(
         report = store.gc(older_than=0)
         assert len(report.temp_files) == 1
         assert list(blobs.iterdir()) == []
+
+
+def test_gc_sweeps_abandoned_partials_but_not_one_being_fetched(store: ModelStore) -> None:
+    from storage.chunks import chunk_bytes
+    from storage.partial import PartialBlob
+
+    data = b"z" * (3 * MiB)
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    chunks = chunk_bytes(data)
+    busy = PartialBlob.open(store.cas, digest, len(data), chunks)
+    busy.write_chunk(0, data[: chunks[0].length])
+    busy.flush()
+    abandoned_data = b"y" * MiB
+    abandoned_digest = "sha256:" + hashlib.sha256(abandoned_data).hexdigest()
+    abandoned = PartialBlob.open(
+        store.cas, abandoned_digest, len(abandoned_data), chunk_bytes(abandoned_data)
+    )
+    abandoned.close()
+    report = store.gc(older_than=0)
+    names = {p.name for p in report.temp_files}
+    assert any(abandoned_digest[7:] in n for n in names)
+    assert not any(digest[7:] in n for n in names)
+    busy.write_chunk(1, data[chunks[1].offset : chunks[1].offset + chunks[1].length])
+    busy.discard()
