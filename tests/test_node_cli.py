@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -24,13 +25,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _config(root: Path, name: str, bootstrap: list[str] | None = None) -> Path:
+def _config(root: Path, name: str, bootstrap: list[str] | None = None, storage: str = "") -> Path:
     folder = root / name
     folder.mkdir()
     boot = ", ".join(f'"{b}"' for b in bootstrap or [])
     path = folder / "node.toml"
     path.write_text(
-        f'[node]\nname = "{name}"\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\n'
+        f'[node]\nname = "{name}"\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\n{storage}'
         f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{_free_port()}"]\nbootstrap = [{boot}]\n'
         f'mdns = false\n[api]\nlisten = "127.0.0.1:{_free_port()}"\n'
     )
@@ -124,3 +125,57 @@ def test_remote_commands_without_a_node_say_what_to_do(tmp_path: Path) -> None:
     proc = dmm(config, "node", "status", check=1)
     assert "no node answers" in proc.stderr and "dmm node start" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_killed_pull_resumes_and_fetches_only_what_was_missing(
+    tmp_path: Path, make_model: MakeModel, nodes: list[RunningNode]
+) -> None:
+    """SIGKILL the pulling node mid-transfer; after a restart the pull fetches no more than
+    what was missing plus two chunks."""
+    from storage.partial import PartialBlob
+    from storage.store import ModelStore
+
+    # A slow holder, so the pull is surely in flight when the puller dies.
+    holder = RunningNode(_config(tmp_path, "holder", storage='upload_rate_limit = "6MiB"\n'))
+    nodes.append(holder)
+    gguf = make_model(size=40 * MiB)
+    added = json.loads(dmm(holder.config, "add", "big:v1", str(gguf), "--json").stdout)
+    digest, size = added["model_blob"], gguf.stat().st_size
+    with ModelStore(
+        tmp_path / "holder" / "models", tmp_path / "holder" / "data" / "dmm.db", tmp_path / "c"
+    ) as holder_store:
+        chunks = holder_store.db.blob_chunks(digest)
+    puller_config = _config(tmp_path, "puller", [holder.p2p])
+    puller = RunningNode(puller_config)
+    nodes.append(puller)
+    pull = subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "pull", "big:v1", "--config", str(puller_config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=clean_env(),
+    )
+    blobs = tmp_path / "puller" / "models" / "blobs"
+    sidecar = blobs / f".dmm-{digest[7:]}.progress"
+    deadline = time.monotonic() + 60
+    # The progress sidecar is rewritten after each durable flush: wait for two of them.
+    flushes: set[int] = set()
+    while len(flushes) < 2:
+        assert time.monotonic() < deadline and pull.poll() is None, "pull ended too early"
+        with contextlib.suppress(FileNotFoundError):
+            flushes.add(sidecar.stat().st_mtime_ns)
+        time.sleep(0.05)
+    puller.proc.kill()
+    puller.proc.wait()
+    pull.wait(timeout=60)
+    cas_root = tmp_path / "puller"
+    with ModelStore(cas_root / "models", cas_root / "data" / "dmm.db", cas_root / "c") as store:
+        partial = PartialBlob.open(store.cas, digest, size, chunks)
+        done = partial.done_bytes
+        partial.close()
+    assert 0 < done < size
+    restarted = RunningNode(puller_config)
+    nodes.append(restarted)
+    result = json.loads(dmm(puller_config, "pull", "big:v1", "--json").stdout)
+    assert result["status"] == "success"
+    assert result["bytes_fetched"] <= size - done + 2 * max(c.length for c in chunks)
+    assert (blobs / ("sha256-" + digest[7:])).read_bytes() == gguf.read_bytes()
