@@ -110,3 +110,34 @@ async def test_a_followed_model_is_pulled_when_announced(
                     await trio.sleep(0.1)
             assert "ignored:v1" not in names
             assert follower.store.verify("auto-model:v1").ok
+
+
+async def test_metadata_only_edit_pulls_a_few_chunks(tmp_path: Path, make_model: MakeModel) -> None:
+    """v2 of a 256 MiB model differs only in its chat template: the pull of v2 moves no more
+    than 3 chunks plus the small blobs (Ollama would re-download all 256 MiB)."""
+    v1 = make_model("v1.gguf", size=256 * MiB, chat_template="{{ .Prompt }}", seed=11)
+    v2 = make_model(
+        "v2.gguf", size=256 * MiB, chat_template="{{ .System }}\n{{ .Prompt }}\n" * 8, seed=11
+    )
+
+    async def quiet(event: dict[str, Any]) -> None:
+        pass
+
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await trio.to_thread.run_sync(lambda: a.store.add_model("edited:latest", v1))
+        await a.refresh()
+        with trio.fail_after(120):
+            await b.pull("edited:latest", quiet)
+        await trio.to_thread.run_sync(lambda: a.store.add_model("edited:latest", v2))
+        await a.refresh()
+        with trio.fail_after(120):
+            result = await b.pull("edited:latest", quiet)
+        assert result["already_complete"] is False
+        stored = b.store.get("edited:latest").manifest
+        model_blob = stored.layer_of_type("model")
+        assert model_blob is not None
+        assert b.store.cas.path(model_blob.digest).read_bytes() == v2.read_bytes()
+        small = sum(layer.size for layer in stored.all_layers() if layer is not model_blob)
+        max_chunk = max(c.length for c in b.store.db.blob_chunks(model_blob.digest))
+        assert result["bytes_fetched"] <= 3 * max_chunk + small
+        assert result["bytes_local"] >= 250 * MiB
