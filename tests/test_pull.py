@@ -31,7 +31,7 @@ async def test_pull_is_bit_exact_and_writes_the_manifest_last(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
     async with open_swarm(tmp_path, 2) as (a, b):
-        source = await _add(a, make_model, "pulled:v1", 24 * MiB)
+        source = await _add(a, make_model, "pulled:v1", 64 * MiB)
         events: list[dict[str, Any]] = []
 
         async def record(event: dict[str, Any]) -> None:
