@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 from ._blocks_events import (
     CHUNK_ID_SIZE,
@@ -106,6 +106,7 @@ from ._blocks_events import (
     decode_messages,
     encode_message,
 )
+from ._machine import NEED_DATA, NeedData, Role, State
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -155,24 +156,6 @@ DEFAULT_MAX_IN_FLIGHT = 16
 DEFAULT_MAX_WANTLIST = 64
 
 
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(enum.Enum):
-    OPEN = "open"  # may send messages
-    DONE = "done"  # sent its final message (server's ErrorReply(None)); may only close
-    CLOSED = "closed"  # its side of the stream has ended
-    ERROR = "error"  # broke the protocol; nothing more is accepted from it
-
-
-class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA = _Sentinel.NEED_DATA
-NeedData: TypeAlias = Literal[_Sentinel.NEED_DATA]
 Event: TypeAlias = Message | BadRequest | EndOfStream
 
 

@@ -31,7 +31,7 @@ import fnmatch
 import functools
 import re
 from collections.abc import Callable
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 from storage.names import DEFAULT_HOST, DEFAULT_NAMESPACE, InvalidName, parse_model_name
 
@@ -66,6 +66,7 @@ from ._catalog_events import (
     decode_message,
     encode_message,
 )
+from ._machine import NEED_DATA, NeedData, Role, State
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FrameDecoder, encode_frame
 
@@ -124,24 +125,6 @@ MAX_REPLY_FRAME = 1024 * 1024 + 64 * 1024
 MAX_PIPELINE = 32
 
 
-class Role(enum.Enum):
-    CLIENT = "client"
-    SERVER = "server"
-
-
-class State(enum.Enum):
-    OPEN = "open"  # may send messages
-    DONE = "done"  # sent its final message (server's ErrorReply(None)); may only close
-    CLOSED = "closed"  # its side of the stream has ended
-    ERROR = "error"  # broke the protocol; nothing more is accepted from it
-
-
-class _Sentinel(enum.Enum):
-    NEED_DATA = "NEED_DATA"
-
-
-NEED_DATA = _Sentinel.NEED_DATA
-NeedData: TypeAlias = Literal[_Sentinel.NEED_DATA]
 Event: TypeAlias = Message | BadRequest | EndOfStream
 
 
