@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.catalog_service import CatalogError, open_catalog_client
+from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
 from protocols.records import VersionRecord
 from storage.manifest import Layer, Manifest, ManifestError, parse_manifest
@@ -28,7 +29,7 @@ log = logging.getLogger("dmm.pull")
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 # Errors that mean "this peer could not help", never "the pull is impossible".
-PEER_ERRORS = (CatalogError, trio.BrokenResourceError, trio.TooSlowError, OSError)
+PEER_ERRORS = (CatalogError, P2PError, trio.BrokenResourceError, trio.TooSlowError, OSError)
 
 
 class PullError(RuntimeError):

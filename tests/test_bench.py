@@ -81,3 +81,21 @@ def test_help_lists_the_benchmarks_and_options() -> None:
     assert done.returncode == 0
     for word in ("--json", "--quick", "storage", "ratio"):
         assert word in done.stdout
+
+
+@pytest.mark.slow
+def test_quick_transfer_run_reports_positive_figures(tmp_path: Path) -> None:
+    """Real node processes on loopback: pulls, peak RSS and the delta all come out positive."""
+    out = tmp_path / "figures.json"
+    done = _bench("transfer", "--quick", "--json", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())["figures"]
+    assert figures, "the transfer benchmark reported no figures"
+    for fig in figures:
+        assert set(fig) == FIGURE_KEYS, fig
+        assert fig["bench"] == "transfer"
+        assert fig["value"] > 0 and fig["baseline_value"] > 0 and fig["ratio"] > 0, fig
+        assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    names = " | ".join(f["name"] for f in figures)
+    for word in ("1 peer", "peers at once", "peak RSS", "delta"):
+        assert word in names, names

@@ -141,3 +141,29 @@ async def test_metadata_only_edit_pulls_a_few_chunks(tmp_path: Path, make_model:
         max_chunk = max(c.length for c in b.store.db.blob_chunks(model_blob.digest))
         assert result["bytes_fetched"] <= 3 * max_chunk + small
         assert result["bytes_local"] >= 250 * MiB
+
+
+async def test_a_holder_that_went_away_does_not_fail_the_pull(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """Regression: a stopped holder still listed in the DHT made the pull fail on dialing it."""
+
+    async def quiet(event: dict[str, Any]) -> None:
+        pass
+
+    async with open_swarm(tmp_path, 2) as (a, puller):
+        await _add(a, make_model, "twice:v1", 2 * MiB)
+        config = node_config(tmp_path, "gone", [a.host.listen_addrs[0]])
+        async with open_node(config) as gone:
+            path = make_model("twice_copy.gguf", size=2 * MiB)
+            await trio.to_thread.run_sync(
+                lambda: gone.store.add_model("twice:v1", path, template="{{ .Prompt }}")
+            )
+            await gone.refresh()
+            # Let the puller hear of both holders before one of them goes.
+            with trio.fail_after(30):
+                while len({p for hs in puller.gossip_holders().values() for p in hs}) < 2:
+                    await trio.sleep(0.05)
+        with trio.fail_after(60):
+            result = await puller.pull("twice:v1", quiet)
+        assert result["peers"] == [a.peer_id]
