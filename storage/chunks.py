@@ -23,8 +23,8 @@ from pyfastcdc import FastCDC
 KiB = 1024
 MiB = 1024 * KiB
 # Bytes mapped at once per pass; a multiple of mmap.ALLOCATIONGRANULARITY.
-WINDOW = 64 * MiB
-HASH_BLOCK = 16 * MiB
+WINDOW = 16 * MiB
+HASH_BLOCK = 8 * MiB
 
 Progress = Callable[[int], None]
 
