@@ -99,3 +99,40 @@ def test_quick_transfer_run_reports_positive_figures(tmp_path: Path) -> None:
     names = " | ".join(f["name"] for f in figures)
     for word in ("1 peer", "peers at once", "peak RSS", "delta"):
         assert word in names, names
+
+
+@pytest.mark.slow
+def test_quick_discovery_run_reports_find_and_propagation_figures(tmp_path: Path) -> None:
+    """Eight real nodes in the runner's process: the figures are there and plausible.
+
+    No timing is asserted (a shared machine); counts of misses may be zero, the rest
+    are measured seconds and must be positive.
+    """
+    out = tmp_path / "figures.json"
+    done = _bench("discovery", "--quick", "--json", str(out), timeout=300)
+    assert done.returncode == 0, done.stderr
+    figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
+    timed = {
+        "find p50",
+        "find p95 (goal <= 1 s)",
+        "find p95, literal prefix",
+        "find p95, no prefix",
+        "propagation p50 to all",
+        "propagation max to all (goal <= 2 s)",
+    }
+    counts = {"find misses", "exact-key misses", "propagation misses"}
+    assert timed | counts <= set(figures), sorted(figures)
+    for name, fig in figures.items():
+        assert set(fig) == FIGURE_KEYS, fig
+        assert fig["bench"] == "discovery"
+        if name in counts:
+            assert fig["unit"] == "count" and fig["value"] >= 0, fig
+        else:
+            assert fig["value"] > 0, fig
+    for name in timed:
+        fig = figures[name]
+        assert fig["unit"] == "s" and fig["better"] == "lower"
+        assert fig["baseline"] and fig["baseline_value"] > 0, fig
+        assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    # The absolute goals are printed under the table by the runner.
+    assert "goal discovery/find p95 (goal <= 1 s)" in done.stdout
