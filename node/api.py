@@ -2,7 +2,8 @@
 
 Ollama-compatible: ``GET /`` , ``GET /api/version``, ``GET /api/tags`` (same JSON shapes as
 Ollama). The node's: ``/api/health``, ``/api/status``, ``/api/peers``, ``/api/find``,
-``POST /api/dmm/refresh`` (the CLI's "tell the node": re-read the store, publish changes).
+``POST /api/dmm/refresh`` (the CLI's "tell the node": re-read the store, publish changes),
+``GET /metrics`` (Prometheus text format).
 """
 
 from __future__ import annotations
@@ -144,6 +145,13 @@ def build_router(node: Node) -> Router:
                 raise HTTPError(404 if "no reachable peer" in str(exc) else 500, str(exc)) from None
             return json_response(events[-1])
         return ndjson_response(_pull_stream(node, name))
+
+    @router.route("GET", "/metrics")
+    async def metrics(request: Request) -> Response:
+        if not node.config.metrics.enabled:
+            raise HTTPError(404, "metrics are off: set [metrics] enabled = true in node.toml")
+        body, content_type = node.metrics.exposition()
+        return Response(200, body, content_type)
 
     @router.route("POST", "/api/dmm/refresh")
     async def refresh(request: Request) -> Response:

@@ -485,6 +485,51 @@ def cmd_node_status(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
+def _status_snapshot(config: Config) -> dict[str, Any]:
+    snapshot: dict[str, Any] = {
+        "status": api_call(config, "GET", "/api/status", timeout=10.0),
+        "peers": api_call(config, "GET", "/api/peers", timeout=10.0)["peers"],
+    }
+    try:
+        replicas = api_call(config, "GET", "/api/replicas", timeout=10.0)
+        snapshot["replicas"] = replicas.get("replicas", replicas.get("models", []))
+    except NodeUnreachable:
+        raise
+    except CommandError:
+        snapshot["replicas"] = None  # this node runs no replication manager
+    return snapshot
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from node.status_view import render
+
+    if args.interval <= 0:
+        raise UsageError("--interval must be positive")
+    snapshot = _status_snapshot(config)
+    if args.json:
+        emit_json(snapshot)
+        return EXIT_OK
+    console = Console()
+    if args.once or not console.is_terminal:
+        console.print(render(snapshot))
+        return EXIT_OK
+    try:
+        with Live(render(snapshot), console=console, screen=False, auto_refresh=False) as live:
+            while True:
+                time.sleep(args.interval)
+                try:
+                    snapshot = _status_snapshot(config)
+                    snapshot.pop("error", None)
+                except CommandError as exc:
+                    snapshot["error"] = f"{exc} (retrying every {args.interval:g}s)"
+                live.update(render(snapshot), refresh=True)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
     peers = api_call(config, "GET", "/api/peers")["peers"]
     if args.json:
@@ -620,6 +665,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_node_start)
     p = node_sub.add_parser("status", parents=[common, data], help="the running node's state")
     p.set_defaults(func=cmd_node_status)
+
+    p = add(
+        "status",
+        cmd_status,
+        "a live view of the running node: peers, transfers, replicas, recent events "
+        "(Ctrl-C to leave)",
+    )
+    p.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    p.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often the live view refreshes (default 1)",
+    )
 
     add("peers", cmd_peers, "peers the running node is connected to")
 

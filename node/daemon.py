@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 
+from node.activity import Activity
 from node.announce import Announcer
 from node.api import build_router
 from node.catalog_service import (
@@ -33,6 +34,7 @@ from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
 from node.local import open_store
 from node.mdns import MdnsDiscovery
+from node.metrics import PerformanceMonitor
 from node.p2p import P2PError, P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
@@ -110,6 +112,8 @@ class Node:
             upload_slots=config.storage.upload_slots,
             rate_limit=config.storage.upload_rate_limit,
         )
+        self.metrics = PerformanceMonitor(self, interval=config.metrics.interval)
+        self.activity = Activity()
         self._nursery: trio.Nursery | None = None
         self._pulling: set[str] = set()
         self.started_at = trio.current_time()
@@ -145,6 +149,8 @@ class Node:
             if self.config.network.mdns:
                 await nursery.start(MdnsDiscovery(self.host, self._on_lan_peer).run)
             nursery.start_soon(self._publish_store_at_start)
+            if self.config.metrics.enabled:
+                await nursery.start(self.metrics.run)
             log.info(
                 "node %s up: p2p %s, api %s",
                 self.peer_id,
@@ -167,6 +173,7 @@ class Node:
                     await self.dht.add_peer(peer)
                     await self.dht.refresh()
                     log.info("connected to bootstrap peer %s", peer)
+                    self.activity.event("peer", "connected (bootstrap)", peer=peer)
                     delay = 1.0
                 except (
                     OSError,
@@ -186,6 +193,7 @@ class Node:
         await self.dht.add_peer(peer_id)
         await self.dht.refresh()
         log.info("found LAN peer %s by mDNS", peer_id)
+        self.activity.event("peer", "found on the LAN by mDNS", peer=peer_id)
 
     # --- publishing ---------------------------------------------------------------------
 
@@ -226,6 +234,8 @@ class Node:
                     self.dht.unprovide(model_key(model))
             if records:
                 self.announcer.announce_nowait(records, self.host.listen_addrs)
+                for record in records:
+                    self.activity.event("published", "version record signed", model=record.name)
             return {"published": len(changed), "removed": len(removed), "models": len(entries)}
 
     async def _provide(self, name: ModelName, digests: list[str]) -> None:
@@ -248,6 +258,9 @@ class Node:
             holders = self._gossip.setdefault((record.name, vid), {})
             holders[peer_id] = Holder(peer_id, tuple(announcement.listen_addrs), now)
             log.info("model %s version %s announced by %s", record.name, vid[:12], peer_id)
+            self.activity.event(
+                "announced", f"version {vid[:12]}", model=record.name, peer=peer_id
+            )
             self._follow(record)
 
     def _follow(self, record: VersionRecord) -> None:
@@ -275,7 +288,25 @@ class Node:
             self._pulling.discard(full_name)
 
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
-        return await pull_model(self, name, emit)
+        tid, tracked = self.activity.track(name, emit)
+        try:
+            result = await pull_model(self, name, tracked)
+        except PullError as exc:
+            self.metrics.pull_done("failed")
+            self.activity.event("pull-failed", str(exc), model=name)
+            raise
+        finally:
+            self.activity.finish(tid)
+        if result.get("already_complete"):
+            self.metrics.pull_done("already-complete")
+        else:
+            fetched = result.get("bytes_fetched", 0)
+            self.metrics.pull_done("ok", fetched=fetched, local=result.get("bytes_local", 0))
+            peers = len(result.get("peers", ()))
+            self.activity.event(
+                "pulled", f"{fetched:,} bytes fetched from {peers} peer(s)", model=name
+            )
+        return result
 
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""
@@ -303,6 +334,8 @@ class Node:
                 "received": self.announcer.stats.received,
                 "dropped_bad": self.announcer.stats.dropped_bad,
             },
+            "metrics": self.metrics.summary(),
+            **self.activity.snapshot(),
         }
 
     async def find(self, glob: str, *, timeout: float = 10.0) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
@@ -183,6 +184,8 @@ class Dht:
         self._put: dict[str, VersionRecord] = {}
         self._reprovide_requested = trio.Event()
         self.stats = DhtStats()
+        # Called with (operation, seconds) after each lookup: the metrics listen.
+        self.query_listeners: list[Callable[[str, float], None]] = []
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self._kad), trio.open_nursery() as nursery:
@@ -209,6 +212,11 @@ class Dht:
     async def refresh(self) -> None:
         """Look up our own id and a random id per bucket, filling the routing table."""
         await self._kad.refresh_routing_table()
+
+    def _timed(self, op: str, started: float) -> None:
+        elapsed = trio.current_time() - started
+        for listener in self.query_listeners:
+            listener(op, elapsed)
 
     def routing_table_size(self) -> int:
         return self._kad.get_routing_table_size()
@@ -259,7 +267,9 @@ class Dht:
         """
         if count < 1:
             raise ValueError("count must be at least 1")
+        started = trio.current_time()
         found = await self._kad.find_providers_of(provider_key_bytes(key), count)
+        self._timed("find_providers", started)
         providers = [self._remember(info) for info in found]
         log.debug(
             "found %d providers of %s: %s",
@@ -365,7 +375,9 @@ class Dht:
         peers, or None. Raises ``LocalProtocolError`` for an invalid name."""
         key = version_key(model_full, tag)
         _check_value_key(key)
+        started = trio.current_time()
         value = await self._kad.get_newest_value(key)
+        self._timed("get_version", started)
         if value is None:
             log.debug("no version record for %s:%s", model_full, tag)
             return None

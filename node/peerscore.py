@@ -9,6 +9,7 @@ Time is trio's clock, so tests can run it with ``MockClock``.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
@@ -39,6 +40,11 @@ class PeerScores:
         self.ban_after = ban_after
         self.ban_for = ban_for
         self._scores: dict[str, PeerScore] = {}
+        # Called with (peer, bytes, seconds) for each verified chunk: the metrics listen.
+        self.chunk_listeners: list[Callable[[str, int, float], None]] = []
+
+    def items(self) -> Iterator[tuple[str, PeerScore]]:
+        return iter(list(self._scores.items()))
 
     def get(self, peer: str) -> PeerScore:
         return self._scores.setdefault(peer, PeerScore())
@@ -51,6 +57,8 @@ class PeerScores:
         score.rate = (
             sample if score.rate == 0 else (1 - _RATE_ALPHA) * score.rate + _RATE_ALPHA * sample
         )
+        for listener in self.chunk_listeners:
+            listener(peer, nbytes, seconds)
 
     def bad(self, peer: str, reason: str) -> bool:
         """A chunk that failed verification; True when this strike bans the peer."""
