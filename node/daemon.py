@@ -32,6 +32,7 @@ from node.config import Config
 from node.dht import Dht
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
+from node.live_chunks import LiveChunks
 from node.local import open_store
 from node.mdns import MdnsDiscovery
 from node.metrics import PerformanceMonitor
@@ -106,11 +107,13 @@ class Node:
         self.announcer = Announcer(host, self._on_announcement)
         self.catalog = CatalogServer(StoreCatalogSource(store, self.book))
         self.scores = PeerScores()
+        self.live_chunks = LiveChunks()
         self.provider = BlockProvider(
             store,
             self.scores,
             upload_slots=config.storage.upload_slots,
             rate_limit=config.storage.upload_rate_limit,
+            live=self.live_chunks,
         )
         self.metrics = PerformanceMonitor(self, interval=config.metrics.interval)
         self.activity = Activity()

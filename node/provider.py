@@ -38,6 +38,7 @@ from typing import TypeVar
 
 import trio
 
+from node.live_chunks import LiveChunks
 from node.p2p import Stream
 from node.peerscore import PeerScores, TokenBucket
 from protocols.blocks import (
@@ -117,6 +118,7 @@ class BlockProvider:
         max_wantlist: int = DEFAULT_MAX_WANTLIST,
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+        live: LiveChunks | None = None,
     ) -> None:
         if upload_slots < 1:
             raise ValueError("upload_slots must be at least 1")
@@ -124,6 +126,8 @@ class BlockProvider:
             raise ValueError("rate_limit must be >= 0 (0 = unlimited)")
         self.store = store
         self.scores = scores
+        # Chunks of blobs this node is still fetching: served as well (swarming).
+        self.live = live
         self.upload_slots = upload_slots
         self.rate_limit = rate_limit
         self.max_wantlist = max_wantlist
@@ -179,7 +183,8 @@ class BlockProvider:
     # ------------------------------------------------------------- disk (threads)
 
     def _have(self, chunk_ids: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-        """(held, not held): held when a blob that is in the store holds the chunk."""
+        """(held, not held): held when a blob in the store, or a verified chunk of a blob
+        still being fetched, holds the chunk."""
         found = self.store.db.find_chunks(chunk_ids)
         present: dict[str, bool] = {}
         have: list[bytes] = []
@@ -192,6 +197,8 @@ class BlockProvider:
                 if present[loc.blob]:
                     held = True
                     break
+            if not held and self.live is not None:
+                held = self.live.holds(chunk_id)
             (have if held else dont).append(chunk_id)
         return tuple(have), tuple(dont)
 
@@ -215,6 +222,10 @@ class BlockProvider:
             if verify_block(want.chunk_id, data):
                 return buf
             self._corrupt(loc.blob, loc.offset, want.chunk_id)
+        if self.live is not None and self.live.read(want.chunk_id, data):
+            if verify_block(want.chunk_id, data):
+                return buf
+            self._corrupt(want.blob_digest, want.offset, want.chunk_id)
         return None
 
     def _read_at(self, digest: str, offset: int, out: memoryview) -> bool:

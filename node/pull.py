@@ -32,6 +32,10 @@ Emit = Callable[[dict[str, Any]], Awaitable[None]]
 PEER_ERRORS = (CatalogError, P2PError, trio.BrokenResourceError, trio.TooSlowError, OSError)
 
 
+# Looking up or announcing more providers during a fetch: a bounded extra, never a wait.
+DHT_STEP_TIMEOUT = 5.0
+
+
 class PullError(RuntimeError):
     """The model could not be pulled; the message says why and what to try."""
 
@@ -182,8 +186,26 @@ async def _fetch_layer(
             with trio.move_on_after(0.25):
                 await finished.wait()
 
+    from node.daemon import blob_key
+
+    key = blob_key(layer.digest)
+
+    async def discover() -> list[str]:
+        with trio.move_on_after(DHT_STEP_TIMEOUT):
+            return [info.peer_id for info in await node.dht.find_providers(key)]
+        return []
+
+    async def provide() -> None:
+        # Others fetching this blob find us, and the chunks we hold so far, this way.
+        with trio.move_on_after(DHT_STEP_TIMEOUT):
+            try:
+                await node.dht.provide(key)
+            except Exception as exc:  # an extra: the fetch works without it
+                log.info("blob %s: not provided while fetching (%s)", layer.digest[:19], exc)
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(report)
+        nursery.start_soon(provide)
         try:
             result = await fetch_blob(
                 node.host,
@@ -195,6 +217,8 @@ async def _fetch_layer(
                 chunks=chunks,
                 providers=sources,
                 on_progress=on_progress,
+                live=node.live_chunks,
+                discover=discover,
             )
         except TransferError as exc:
             raise PullError(str(exc)) from None

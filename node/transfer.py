@@ -33,7 +33,8 @@ import contextlib
 import heapq
 import logging
 import math
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -41,6 +42,7 @@ from typing import TypeVar
 
 import trio
 
+from node.live_chunks import LiveChunks
 from node.p2p import P2PError, P2PHost, Stream
 from node.peerscore import PeerScores
 from protocols.blocks import (
@@ -88,6 +90,15 @@ WRITE_TIMEOUT = 10.0
 CLOSE_GRACE = 2.0
 # Worker threads hashing and writing chunks, per fetch unless a limiter is passed.
 DEFAULT_WRITE_THREADS = 4
+# A peer that lacks chunks we still need is asked again what it has (it may be fetching
+# the same blob): first after this long, backing off to REASK_MAX while it gains nothing.
+REASK_MIN = 0.5
+REASK_MAX = 4.0
+# How often ``discover`` is asked for more providers during a fetch, backing off.
+DISCOVER_MIN = 1.0
+DISCOVER_MAX = 8.0
+
+Discover = Callable[[], Awaitable[Sequence[str]]]
 
 _T = TypeVar("_T")
 
@@ -134,6 +145,8 @@ async def fetch_blob(
     chunk_timeout: float = 20.0,
     source: str | None = None,
     limiter: trio.CapacityLimiter | None = None,
+    live: LiveChunks | None = None,
+    discover: Discover | None = None,
 ) -> FetchResult:
     """Fetch blob ``digest`` (``size`` bytes, cut into ``chunks``) for ``model``.
 
@@ -141,8 +154,10 @@ async def fetch_blob(
     ``on_progress(n)`` is called on the event loop each time ``n`` more bytes of the
     blob are in place (resumed and local bytes first, then each chunk). ``source`` is
     the older version the delta is recorded against. ``limiter`` bounds the worker
-    threads hashing and writing (one per fetch when not given). Returns when the blob is
-    in the store under its name, indexed.
+    threads hashing and writing (one per fetch when not given). ``live``, when given,
+    shares the verified chunks with peers while the fetch runs. ``discover()`` is asked
+    now and then for more providers (other nodes fetching the same blob join that way).
+    Returns when the blob is in the store under its name, indexed.
     """
     digest = parse_digest(digest)
     if not 1 <= window <= DEFAULT_MAX_WANTLIST:
@@ -163,6 +178,8 @@ async def fetch_blob(
     except ValueError as exc:
         raise TransferError(digest, f"unusable chunk list: {exc}") from exc
     tracker = DeltaTracker(store.db, cas)
+    if live is not None:
+        live.add(blob)
     try:
         resumed = blob.done_bytes
         plan = await in_thread(partial(tracker.create_delta, model, source, blob.chunks, digest))
@@ -196,6 +213,8 @@ async def fetch_blob(
                     chunk_timeout=chunk_timeout,
                     limiter=limiter,
                     on_progress=on_progress,
+                    discover=discover,
+                    order_seed=f"{host.peer_id}/{digest}/{attempt}",
                 )
                 stuck = await session.run()
                 fetched += session.bytes_fetched
@@ -225,6 +244,8 @@ async def fetch_blob(
         assert index is not None  # finish() sets it
         await in_thread(partial(_record, store, tracker, index, path, model, source, plan, fetched))
     finally:
+        if live is not None:
+            live.remove(blob)
         # After finish this does nothing; otherwise it saves progress for a resume.
         with trio.CancelScope(shield=True):
             await in_thread(blob.close)
@@ -307,13 +328,17 @@ class _Peer:
     active: bool = True
     known: bool = False  # every WantHave answered
     has: set[int] = field(default_factory=set)
-    heap: list[int] = field(default_factory=list)  # units it has, lowest first
+    # (availability when pushed, unit) for the units it has: rarest first, then our order
+    heap: list[tuple[int, int]] = field(default_factory=list)
     wants: dict[int, float] = field(default_factory=dict)  # WantHave id -> sent at
     requests: dict[int, tuple[int, float]] = field(default_factory=dict)  # id -> (unit, sent)
     writing: int = 0  # blocks from it being hashed and written
     last_arrival: float = 0.0  # of its latest reply
     timeouts: collections.Counter[int] = field(default_factory=collections.Counter)
     banned: bool = False
+    reask_at: float = 0.0  # when to ask again what it has (0 = not scheduled)
+    reask_delay: float = REASK_MIN
+    has_before_ask: int = 0  # len(has) when the latest WantHave round went out
 
 
 class _Link:
@@ -384,6 +409,8 @@ class _Session:
         chunk_timeout: float,
         limiter: trio.CapacityLimiter,
         on_progress: Callable[[int], None] | None,
+        discover: Discover | None = None,
+        order_seed: str = "",
     ) -> None:
         self.host = host
         self.blob = blob
@@ -394,15 +421,22 @@ class _Session:
         self.chunk_timeout = chunk_timeout
         self.limiter = limiter
         self.on_progress = on_progress
+        self.discover = discover
         # Equal chunks at several indices are fetched once.
         by_id: dict[bytes, _Unit] = {}
         for i in sorted(indices):
             ref = blob.chunks[i]
             unit = by_id.get(ref.digest)
             if unit is None:
-                unit = by_id[ref.digest] = _Unit(len(by_id), ref.digest, [], ref.offset, ref.length)
+                unit = by_id[ref.digest] = _Unit(0, ref.digest, [], ref.offset, ref.length)
             unit.indices.append(i)
+        # Units are taken lowest number first. Numbering them in an order of our own
+        # (seeded, so a node retries in the same order) means that nodes fetching the
+        # same blob at once hold different chunks early, and have something to trade.
         self.units = list(by_id.values())
+        random.Random(order_seed).shuffle(self.units)
+        for number, unit in enumerate(self.units):
+            unit.number = number
         self.unit_of = {unit.chunk_id: unit.number for unit in self.units}
         self.max_block = min(
             MAX_BLOCK_LIMIT, max([DEFAULT_MAX_BLOCK, *(u.length for u in self.units)])
@@ -420,6 +454,10 @@ class _Session:
         self._unflushed = 0
         self._dirty = trio.Event()
         self._flush_due = trio.Event()
+        self._peer_nursery: trio.Nursery | None = None
+        # How many active peers have each unit. Rarest first means the first holder is
+        # asked for what only it has, while pullers trade what they already got.
+        self.avail: collections.Counter[int] = collections.Counter()
 
     # ---------------------------------------------------------------- running
 
@@ -436,8 +474,11 @@ class _Session:
             async with trio.open_nursery() as writes:
                 self._writes = writes
                 async with trio.open_nursery() as peers:
+                    self._peer_nursery = peers
                     for peer in self.peers:
                         peers.start_soon(self._run_peer, peer)
+                    if self.discover is not None:
+                        peers.start_soon(self._discoverer)
             outer.cancel_scope.cancel()
         # Progress since the last flush is saved by finish() or close(), whichever follows.
         return self._stuck_indices()
@@ -474,12 +515,36 @@ class _Session:
 
     def _take_for(self, peer: _Peer) -> int | None:
         while peer.heap:
-            unit = heapq.heappop(peer.heap)
-            if unit in self.pending and unit in peer.has:
-                self.pending.discard(unit)
-                self.assigned[unit] = peer
-                return unit
+            avail, unit = heapq.heappop(peer.heap)
+            if unit not in self.pending or unit not in peer.has:
+                continue
+            if avail != self.avail[unit]:  # more (or fewer) peers have it since: re-rank
+                heapq.heappush(peer.heap, (self.avail[unit], unit))
+                continue
+            self.pending.discard(unit)
+            self.assigned[unit] = peer
+            return unit
         return None
+
+    def _gain(self, peer: _Peer, unit: int) -> None:
+        if unit in peer.has:
+            return
+        peer.has.add(unit)
+        if peer.active:
+            self.avail[unit] += 1
+        heapq.heappush(peer.heap, (self.avail[unit], unit))
+
+    def _lose(self, peer: _Peer, unit: int) -> None:
+        if unit in peer.has:
+            peer.has.discard(unit)
+            if peer.active:
+                self.avail[unit] -= 1
+
+    def _deactivate(self, peer: _Peer) -> None:
+        if peer.active:
+            peer.active = False
+            for unit in peer.has:
+                self.avail[unit] -= 1
 
     def _requeue(self, unit: int, peer: _Peer) -> None:
         """``peer`` no longer works on ``unit``: give it back to the queue."""
@@ -491,7 +556,7 @@ class _Session:
         self.pending.add(unit)
         for other in self.peers:
             if other.active and unit in other.has:
-                heapq.heappush(other.heap, unit)
+                heapq.heappush(other.heap, (self.avail[unit], unit))
 
     def _limit(self, peer: _Peer) -> int:
         """Requests ``peer`` may have in flight: the window, scaled by its rate relative
@@ -503,8 +568,10 @@ class _Session:
         return max(min(2, self.window), min(self.window, math.ceil(self.window * rate / best)))
 
     def _peer_done(self, peer: _Peer) -> bool:
+        # A peer waiting to be asked again (it may gain chunks) is not done.
         return (
             peer.known
+            and peer.reask_at == 0
             and not peer.requests
             and not peer.writing
             and peer.has.isdisjoint(self.remaining)
@@ -546,7 +613,7 @@ class _Session:
                 banned = self.scores.bad(peer.peer_id, f"broke /dmm/blocks/1: {reason}")
                 peer.banned = banned or self.scores.is_banned(peer.peer_id)
         finally:
-            peer.active = False
+            self._deactivate(peer)
             for unit, _ in peer.requests.values():
                 self._requeue(unit, peer)
             peer.requests.clear()
@@ -570,26 +637,14 @@ class _Session:
     async def _sender(self, peer: _Peer, link: _Link) -> None:
         conn = link.conn
         # Who has what: ask about every chunk still wanted, in as few requests as fit.
-        ids = [u.chunk_id for u in self.units if u.number in self.remaining]
-        batches = [
-            ids[i : i + MAX_IDS_PER_MESSAGE] for i in range(0, len(ids), MAX_IDS_PER_MESSAGE)
-        ]
-        if not batches:
-            peer.known = True
-        for batch in batches:
-            while len(conn.outstanding) >= self.window:
-                await self._wait_changed()
-            async with link.lock:
-                link.check_open()
-                rid = conn.next_request_id
-                data = conn.send(WantHave(rid, tuple(batch)))
-                peer.wants[rid] = trio.current_time()
-                self._notify()  # the timer has a new deadline
-                await link.write(data)
+        await self._ask_have(peer, link, [u for u in range(len(self.units)) if u in self.remaining])
         while not self.finished.is_set() and not self._peer_done(peer):
+            if self._reask_due(peer):
+                await self._ask_have(peer, link, sorted(self.remaining - peer.has))
+                continue
             room = self._limit(peer) - len(conn.outstanding) - peer.writing
             if room <= 0 or not peer.heap:
-                await self._wait_changed()
+                await self._wait_changed_until(peer.reask_at)
                 continue
             async with link.lock:
                 link.check_open()
@@ -611,8 +666,91 @@ class _Session:
                     self._notify()  # the timer has a new deadline
                     await link.write(b"".join(parts))
             if not parts:
-                await self._wait_changed()
+                await self._wait_changed_until(peer.reask_at)
         await link.close_send()
+
+    async def _ask_have(self, peer: _Peer, link: _Link, units: list[int]) -> None:
+        """One round of ``WantHave`` for ``units``; the replies fill ``peer.has``."""
+        conn = link.conn
+        ids = [self.units[u].chunk_id for u in units]
+        batches = [
+            ids[i : i + MAX_IDS_PER_MESSAGE] for i in range(0, len(ids), MAX_IDS_PER_MESSAGE)
+        ]
+        peer.reask_at = 0.0
+        peer.has_before_ask = len(peer.has)
+        if not batches:
+            peer.known = True
+            self._schedule_reask(peer)
+            return
+        for batch in batches:
+            while len(conn.outstanding) >= self.window:
+                await self._wait_changed()
+            async with link.lock:
+                link.check_open()
+                rid = conn.next_request_id
+                data = conn.send(WantHave(rid, tuple(batch)))
+                peer.wants[rid] = trio.current_time()
+                peer.known = False
+                self._notify()  # the timer has a new deadline
+                await link.write(data)
+
+    def _schedule_reask(self, peer: _Peer) -> None:
+        """After a round of answers: if the peer lacks chunks we still need, ask again
+        later — sooner when the last round found new ones (it is fetching them too)."""
+        if self.remaining <= peer.has:
+            peer.reask_at = 0.0
+            return
+        if len(peer.has) > peer.has_before_ask:
+            peer.reask_delay = REASK_MIN
+        else:
+            peer.reask_delay = min(peer.reask_delay * 2, REASK_MAX)
+        peer.reask_at = trio.current_time() + peer.reask_delay
+
+    def _reask_due(self, peer: _Peer) -> bool:
+        return (
+            peer.known
+            and peer.reask_at > 0
+            and trio.current_time() >= peer.reask_at
+            and not self.remaining <= peer.has
+        )
+
+    async def _wait_changed_until(self, deadline: float) -> None:
+        if deadline > 0:
+            with trio.move_on_at(deadline):
+                await self._wait_changed()
+        else:
+            await self._wait_changed()
+
+    async def _discoverer(self) -> None:
+        """Asks ``discover`` for more providers now and then, and starts the new ones."""
+        assert self.discover is not None and self._peer_nursery is not None
+        delay = DISCOVER_MIN
+        while not self.finished.is_set():
+            with trio.move_on_after(delay):
+                await self.finished.wait()
+            if self.finished.is_set():
+                return
+            delay = min(delay * 2, DISCOVER_MAX)
+            try:
+                found = await self.discover()
+            except Exception as exc:  # discovery is an extra; the fetch goes on without
+                log.info("blob %s: looking for more providers failed: %s", self.digest, exc)
+                continue
+            known = {p.peer_id for p in self.peers}
+            for peer_id in dict.fromkeys(found):
+                if (
+                    peer_id in known
+                    or peer_id == self.host.peer_id
+                    or peer_id in self.dropped
+                    or self.scores.is_banned(peer_id)
+                    or self.finished.is_set()
+                ):
+                    continue
+                peer = _Peer(peer_id)
+                self.peers.append(peer)
+                log.info("blob %s: new provider %s joins the fetch", self.digest, peer_id)
+                self._peer_nursery.start_soon(self._run_peer, peer)
+                delay = DISCOVER_MIN
 
     async def _reader(self, peer: _Peer, link: _Link) -> None:
         conn = link.conn
@@ -651,10 +789,10 @@ class _Session:
         for chunk_id in have:
             unit = self.unit_of[chunk_id]
             if unit in self.remaining:
-                peer.has.add(unit)
-                heapq.heappush(peer.heap, unit)
+                self._gain(peer, unit)
         if not peer.wants:
             peer.known = True
+            self._schedule_reask(peer)
             log.debug(
                 "blob %s: peer %s has %d of the %d chunks wanted",
                 self.digest,
@@ -680,7 +818,7 @@ class _Session:
             self.units[unit].indices[0],
             reason,
         )
-        peer.has.discard(unit)
+        self._lose(peer, unit)
         self._requeue(unit, peer)
         self._notify()
 
@@ -735,11 +873,11 @@ class _Session:
             self.blob.write_chunk(index, data)
 
     def _bad_block(self, peer: _Peer, unit: _Unit, reason: str) -> None:
-        peer.has.discard(unit.number)
+        self._lose(peer, unit.number)
         banned = self.scores.bad(peer.peer_id, f"blob {self.digest}: {reason}")
         if banned or self.scores.is_banned(peer.peer_id):
             peer.banned = True
-            peer.active = False
+            self._deactivate(peer)
             peer.scope.cancel()
 
     async def _timer(self, peer: _Peer, link: _Link) -> None:
@@ -789,7 +927,7 @@ class _Session:
             "another peer" if others else "again",
         )
         if others or peer.timeouts[unit] >= MAX_TIMEOUTS_PER_CHUNK:
-            peer.has.discard(unit)
+            self._lose(peer, unit)
         self._requeue(unit, peer)
 
 

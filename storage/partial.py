@@ -393,6 +393,36 @@ class PartialBlob:
                     self._done_bytes += chunk.length
                 self._cond.notify_all()
 
+    def read_chunk(self, index: int, out: memoryview) -> bool:
+        """Fill ``out`` with chunk ``index`` if it is written; False if not (yet), or if the
+        partial is closed or unreadable.
+
+        For serving a blob's chunks to peers while it is still being fetched. The bytes
+        were verified when written, but the caller checks them again before trusting
+        them: a disk can still rot.
+        """
+        chunk = self.chunks[index]
+        if len(out) != chunk.length:
+            raise ValueError(f"chunk {index} is {chunk.length} bytes, buffer is {len(out)}")
+        with self._cond:
+            if self._closed or index not in self._done:
+                return False
+            self._inflight += 1
+        try:
+            got = 0
+            while got < len(out):
+                n = os.preadv(self._fd, [out[got:]], chunk.offset + got)
+                if n == 0:
+                    return False
+                got += n
+            return True
+        except OSError:
+            return False
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                self._cond.notify_all()
+
     def copy_local(self, index: int, src: Path, src_offset: int) -> None:
         """Write chunk ``index`` from bytes a local file holds at ``src_offset`` (delta sync).
 
