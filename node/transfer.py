@@ -10,7 +10,12 @@ its sha256 checked):
 3. The rest come from ``providers`` over one stream each: a ``WantHave`` learns who holds
    what, then up to ``window`` ``WantBlock`` requests stay in flight per peer. Peers pull
    work from one queue, so faster peers take more; a peer's window also shrinks with its
-   measured rate relative to the fastest peer's.
+   measured rate relative to the fastest peer's. Each peer is asked for the rarest chunk
+   it has first (fewest peers holding it), ties in an order of this node's own.
+   Swarming: a peer that lacks chunks we need is asked again what it has (it may be
+   fetching the same blob and serving what it got, see ``live``), and ``discover`` is
+   polled for new providers; so nodes pulling one model at once trade chunks, and the
+   first holder uploads it about once rather than once per puller.
 4. Every arriving chunk is hashed and written in a worker thread (``write_chunk``). A bad
    one is a strike against its peer (``PeerScores.bad``) and goes back to the queue; the
    strike that bans a peer also disconnects it. A request with no answer (and nothing
