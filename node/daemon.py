@@ -127,6 +127,7 @@ class Node:
         self._gossip_records: dict[str, VersionRecord] = {}
         self._published: dict[str, str] = {}  # full name:tag -> manifest digest provided
         self._publish_lock = trio.Lock()
+        self._refresh_scheduled = False
 
     @property
     def peer_id(self) -> str:
@@ -203,6 +204,24 @@ class Node:
     async def _publish_store_at_start(self) -> None:
         result = await self.refresh()
         log.info("providing %d model(s) from the store", result["published"])
+
+    def refresh_soon(self) -> None:
+        """``refresh`` in the background: a pull that is done need not wait for the DHT.
+
+        Calls that come while one is scheduled but not started share it; one that comes
+        while a refresh runs schedules another, so no change is missed.
+        """
+        if self._nursery is None or self._refresh_scheduled:
+            return
+        self._refresh_scheduled = True
+        self._nursery.start_soon(self._refresh_in_background)
+
+    async def _refresh_in_background(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            await self.refresh()
+        except Exception as exc:  # publishing retries at the next refresh or re-provide
+            log.warning("publishing the store's changes failed: %s", exc)
 
     async def refresh(self) -> dict[str, Any]:
         """Re-read the store; publish new or changed models, stop providing removed ones."""

@@ -137,7 +137,8 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
     await trio.to_thread.run_sync(_write_manifest, node, name, raw, manifest)
-    await node.refresh()
+    # Announcing and providing it (DHT walks) goes on after the pull reports success.
+    node.refresh_soon()
     await emit(
         {
             "status": "success",

@@ -136,3 +136,25 @@ def test_quick_discovery_run_reports_find_and_propagation_figures(tmp_path: Path
         assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
     # The absolute goals are printed under the table by the runner.
     assert "goal discovery/find p95 (goal <= 1 s)" in done.stdout
+
+
+@pytest.mark.slow
+def test_quick_swarm_run_builds_a_shaped_lan_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    """Three hosts in network namespaces: the figures are there, and so is no namespace."""
+    out = tmp_path / "figures.json"
+    done = _bench("swarm", "--quick", "--json", str(out), timeout=400)
+    assert done.returncode == 0, done.stderr
+    figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
+    assert set(figures) == {
+        "N=2: all have the model",
+        "N=2: all have it, vs one download",
+        "N=2: holder upload",
+    }
+    for fig in figures.values():
+        assert set(fig) == FIGURE_KEYS and fig["bench"] == "swarm", fig
+        assert fig["value"] > 0 and fig["baseline_value"] > 0, fig
+        assert fig["better"] == "lower"
+    # The registry case sends the model once per puller (plus headers).
+    assert figures["N=2: holder upload"]["baseline_value"] >= 2.0
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    assert "dmmlab" not in left.stdout
