@@ -463,10 +463,15 @@ def cmd_node_start(args: argparse.Namespace, config: Config) -> int:
     from node.daemon import run_until_signalled
 
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.verbose:
+        # Only dmm's own debug events: other libraries' debug output (multiaddr logs every
+        # address it parses) would bury them. py-libp2p's, a line per frame, take -vv.
+        logging.getLogger("dmm").setLevel(logging.DEBUG)
+        logging.getLogger("dmm.p2p").setLevel(logging.DEBUG if args.verbose > 1 else logging.INFO)
     trio.run(run_until_signalled, config)
     return EXIT_OK
 
@@ -661,7 +666,13 @@ def build_parser() -> argparse.ArgumentParser:
         "bootstrap, provide every model in the store, serve the HTTP API on "
         "[api] listen",
     )
-    p.add_argument("-v", "--verbose", action="store_true", help="log debug events too")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="log dmm's debug events too; -vv adds py-libp2p's (very many)",
+    )
     p.set_defaults(func=cmd_node_start)
     p = node_sub.add_parser("status", parents=[common, data], help="the running node's state")
     p.set_defaults(func=cmd_node_status)
