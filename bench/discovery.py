@@ -1,8 +1,10 @@
 """Finding models across a swarm of real nodes, and how fast an announcement reaches all.
 
-50 nodes (8 with ``--quick``) run in this one process on loopback, each a full
-``open_node``. They bootstrap from one seed and every routing table is refreshed; then a
-few nodes add small models, and:
+The swarm grows to 50, 100 and 200 nodes (4 and 8 with ``--quick``) in this one process
+on loopback, each a full ``open_node``. New nodes bootstrap from one seed and refresh
+their routing tables; the first stage's nodes add small models. At every size finds are
+measured (p95 against the exact-key lookup, and DHT hops: the query rounds of the
+exact-key lookup's walk, ``node.p2p.trace_walks``); at the last size also:
 
 - find: ``Node.find(glob)`` from many asking nodes, for globs with a literal prefix
   (``llama*``, ``mis*``: one ``/dmm/index/<p>`` key) and without (``*:q4``: the
@@ -23,10 +25,11 @@ moment of the same run. The goals (p95 find <= 1 s, propagation to all <= 2 s) a
 absolute: as in ``bench.transfer``, each is named in its figure and handed to the runner
 as the ratio goal absolute goal / baseline, which is met exactly when the value is.
 
-A full run takes about 10 minutes on the 2-core machine, nearly all of it py-libp2p
-connection and stream set-up on one core: refreshing 50 routing tables (~3 min, the
-tables end up holding most of the swarm), the holders' provides (~2 min), the 60 finds
-(~2 min), teardown (~45 s). Progress lines on stderr carry the elapsed seconds.
+At 50 nodes alone a run took about 10 minutes on the 2-core machine, nearly all of it
+py-libp2p connection and stream set-up on one core: refreshing 50 routing tables (~3 min,
+the tables end up holding most of the swarm), the holders' provides (~2 min), the 60
+finds (~2 min), teardown (~45 s); growing on to 200 makes it the longest benchmark by far.
+Progress lines on stderr carry the elapsed seconds.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ import trio
 from bench import Figure, progress, register
 from node.config import Config
 from node.daemon import Node, model_key, open_node
+from node.p2p import trace_walks
 from node.testing import node_config
 from protocols.catalog import glob_matches
 from protocols.records import Announcement
@@ -58,8 +62,9 @@ from storage.names import parse_model_name
 from storage.testmodels import generate_model
 
 BENCH = "discovery"
-FULL_NODES = 50
-QUICK_NODES = 8
+# The swarm grows through these sizes; finds are measured at each, the rest at the last.
+FULL_SIZES = (50, 100, 200)
+QUICK_SIZES = (4, 8)
 # A node refreshes its routing table once per bootstrap peer when it connects. With
 # several seeds, 50 nodes starting together spend minutes in that storm of refreshes
 # while the seeds still know almost nobody; one seed keeps it short, and the refresh of
@@ -93,7 +98,7 @@ ONE_HOP = "1 hop (mesh neighbour)"
 
 @register(BENCH)
 def run(quick: bool) -> list[Figure]:
-    """find(glob) vs an exact-key DHT lookup; announcement to all vs 1 hop (50 nodes)"""
+    """find(glob) vs an exact-key DHT lookup at 50/100/200 nodes; announcement to all vs 1 hop"""
     clock = _Clock()
     with tempfile.TemporaryDirectory(prefix="dmm-bench-") as tmp, _tally_logs() as tally:
         figures = trio.run(_run, Path(tmp), quick, clock)
@@ -105,7 +110,7 @@ def run(quick: bool) -> list[Figure]:
 
 
 async def _run(root: Path, quick: bool, clock: _Clock) -> list[Figure]:
-    count = QUICK_NODES if quick else FULL_NODES
+    sizes = QUICK_SIZES if quick else FULL_SIZES
     rounds = QUICK_ROUNDS if quick else FULL_ROUNDS
     per_glob = QUICK_SAMPLES_PER_GLOB if quick else FULL_SAMPLES_PER_GLOB
     rng = random.Random(1)
@@ -114,64 +119,103 @@ async def _run(root: Path, quick: bool, clock: _Clock) -> list[Figure]:
     announced = [f"zeta{i}:v1" for i in range(rounds)]
     paths = await trio.to_thread.run_sync(_make_models, folder, [*FIND_MODELS, *announced])
 
-    clock.say(f"starting {count} nodes ({SEEDS} seed, batches of {START_BATCH})")
-    setup_started = clock.elapsed()
-    async with _open_swarm(root / "nodes", count) as nodes:
-        await _bootstrap(nodes, clock)
-        setup = clock.elapsed() - setup_started
+    figures: list[Figure] = []
+    setup = 0.0
+    async with _open_swarm(root / "nodes") as swarm:
+        holders: dict[str, Node] = {}
+        samples: list[_Sample] = []
+        for size in sizes:
+            clock.say(f"growing to {size} nodes ({SEEDS} seed, batches of {START_BATCH})")
+            started = clock.elapsed()
+            new = await swarm.grow(size)
+            await _bootstrap(swarm.nodes, new, clock)
+            setup += clock.elapsed() - started
+            if not holders:
+                # Holders are spread over the first stage's non-seed nodes: the seed is
+                # everyone's first contact, a shortcut no other holder has.
+                others = swarm.nodes[SEEDS:]
+                holders = {
+                    name: others[i * len(others) // len(FIND_MODELS)]
+                    for i, name in enumerate(FIND_MODELS)
+                }
+                clock.say(f"{len(set(holders.values()))} nodes add a model each and refresh")
+                async with trio.open_nursery() as nursery:
+                    for name, holder in holders.items():
+                        nursery.start_soon(_add, holder, name, paths[name])
+                await _quiet(clock)
+            samples = await _sample_finds(swarm.nodes, holders, per_glob, rng, clock)
+            figures += _growth_figures(size, samples)
+        figures += _find_figures(samples, clock)
+        nodes = swarm.nodes
         watcher = _Watcher(nodes)
-
-        # Holders are spread over the non-seed nodes: the seed is everyone's first
-        # contact, which would make it a shortcut no other holder has.
-        others = nodes[SEEDS:]
-        holders = {
-            name: others[i * len(others) // len(FIND_MODELS)] for i, name in enumerate(FIND_MODELS)
-        }
-        clock.say(f"{len(set(holders.values()))} nodes add a model each and refresh")
-        async with trio.open_nursery() as nursery:
-            for name, holder in holders.items():
-                nursery.start_soon(_add, holder, name, paths[name])
-        await _quiet(clock)
-
-        find = await _measure_find(nodes, holders, per_glob, rng, clock)
-        propagation = await _measure_propagation(nodes, watcher, announced, paths, rng, clock)
-        clock.say(f"measured; stopping {count} nodes")
+        figures += await _measure_propagation(nodes, watcher, announced, paths, rng, clock)
+        clock.say(f"measured; stopping {len(nodes)} nodes")
         stopping = clock.elapsed()
-    clock.say(f"{count} nodes stopped in {clock.elapsed() - stopping:.0f} s")
-    setup_figure = Figure(BENCH, "swarm set-up", round(setup, 1), "s", better="lower")
-    return [*find, *propagation, setup_figure]
+    clock.say(f"{len(nodes)} nodes stopped in {clock.elapsed() - stopping:.0f} s")
+    return [*figures, Figure(BENCH, "swarm set-up", round(setup, 1), "s", better="lower")]
+
+
+def _growth_figures(size: int, samples: list[_Sample]) -> list[Figure]:
+    """Find latency and DHT hops at one size of the swarm."""
+    hops = [s.hops for s in samples]
+    return [
+        Figure.against(
+            BENCH,
+            f"find p95 @{size} nodes",
+            _percentile([s.find for s in samples], 95),
+            "s",
+            f"{EXACT} p95",
+            _percentile([s.exact for s in samples], 95),
+            better="lower",
+        ),
+        Figure(BENCH, f"DHT hops p50 @{size} nodes", _percentile(hops, 50), "hops", better="lower"),
+        Figure(BENCH, f"DHT hops max @{size} nodes", max(hops), "hops", better="lower"),
+    ]
 
 
 # --------------------------------------------------------------------------- swarm
 
 
-@asynccontextmanager
-async def _open_swarm(root: Path, count: int) -> AsyncIterator[list[Node]]:
+class _Swarm:
     """``node.testing.open_swarm``'s swarm (the seeds chained, the rest bootstrapping
-    from them), but started in concurrent batches and stopped all at once: one by one,
-    50 nodes took about a minute each way, every departure setting off the others'
+    from them), grown in concurrent batches and stopped all at once: one by one, 50
+    nodes took about a minute each way, every departure setting off the others'
     reconnects."""
+
+    def __init__(self, root: Path, nursery: trio.Nursery, stop: trio.Event) -> None:
+        self.root = root
+        self.nursery = nursery
+        self.stop = stop
+        self.nodes: list[Node] = []
+
+    async def grow(self, count: int) -> list[Node]:
+        """Start nodes until there are ``count``; returns the new ones."""
+        before = len(self.nodes)
+        while len(self.nodes) < min(count, SEEDS):
+            boot = [n.host.listen_addrs[0] for n in self.nodes]
+            config = node_config(self.root, f"n{len(self.nodes)}", boot)
+            self.nodes.append(await self.nursery.start(_hold_node, config, self.stop))
+        boot = [n.host.listen_addrs[0] for n in self.nodes[:SEEDS]]
+        for first in range(len(self.nodes), count, START_BATCH):
+            batch: dict[int, Node] = {}
+
+            async def start(i: int, batch: dict[int, Node] = batch) -> None:
+                config = node_config(self.root, f"n{i}", boot)
+                batch[i] = await self.nursery.start(_hold_node, config, self.stop)
+
+            async with trio.open_nursery() as starting:
+                for i in range(first, min(first + START_BATCH, count)):
+                    starting.start_soon(start, i)
+            self.nodes.extend(batch[i] for i in sorted(batch))
+        return self.nodes[before:]
+
+
+@asynccontextmanager
+async def _open_swarm(root: Path) -> AsyncIterator[_Swarm]:
     stop = trio.Event()
-    nodes: list[Node] = []
     async with trio.open_nursery() as nursery:
         try:
-            for i in range(SEEDS):
-                boot = [n.host.listen_addrs[0] for n in nodes]
-                config = node_config(root, f"n{i}", boot)
-                nodes.append(await nursery.start(_hold_node, config, stop))
-            boot = [n.host.listen_addrs[0] for n in nodes]
-            for first in range(SEEDS, count, START_BATCH):
-                batch: dict[int, Node] = {}
-
-                async def start(i: int, batch: dict[int, Node] = batch) -> None:
-                    config = node_config(root, f"n{i}", boot)
-                    batch[i] = await nursery.start(_hold_node, config, stop)
-
-                async with trio.open_nursery() as starting:
-                    for i in range(first, min(first + START_BATCH, count)):
-                        starting.start_soon(start, i)
-                nodes.extend(batch[i] for i in sorted(batch))
-            yield nodes
+            yield _Swarm(root, nursery, stop)
         finally:
             stop.set()
 
@@ -184,20 +228,21 @@ async def _hold_node(
         await stop.wait()
 
 
-async def _bootstrap(nodes: list[Node], clock: _Clock) -> None:
-    """Wait for every node to reach the seed, then refresh each routing table in turn.
+async def _bootstrap(nodes: list[Node], new: list[Node], clock: _Clock) -> None:
+    """Wait for every new node to reach the seed, then refresh each new routing table in
+    turn (the older nodes learn of the new ones from their queries, as Kademlia does).
 
     One at a time: each refresh dials the peers it learns of, and run together the
     refreshes only queue behind each other's connection set-up on the one core.
     """
     with trio.fail_after(120):
-        while any(node.dht.routing_table_size() == 0 for node in nodes[SEEDS:]):
+        while any(node.dht.routing_table_size() == 0 for node in new if node in nodes[SEEDS:]):
             await trio.sleep(0.2)
     await _quiet(clock)
-    for i, node in enumerate(nodes, start=1):
+    for i, node in enumerate(new, start=1):
         await node.dht.refresh()
-        if i % 10 == 0 or i == len(nodes):
-            clock.say(f"refreshed {i}/{len(nodes)} routing tables")
+        if i % 10 == 0 or i == len(new):
+            clock.say(f"refreshed {i}/{len(new)} new routing tables")
     await _quiet(clock)
     tables = sorted(node.dht.routing_table_size() for node in nodes)
     conns = sorted(len(node.host.connected_peers()) for node in nodes)
@@ -243,15 +288,16 @@ class _Sample:
     exact: float
     wrong: str | None  # what the find result got wrong
     exact_missed: bool  # the exact-key lookup did not list the holder
+    hops: int  # query rounds of the exact-key lookup's walk
 
 
-async def _measure_find(
+async def _sample_finds(
     nodes: list[Node],
     holders: dict[str, Node],
     per_glob: int,
     rng: random.Random,
     clock: _Clock,
-) -> list[Figure]:
+) -> list[_Sample]:
     plan: list[tuple[str, Node]] = []
     for glob in GLOBS:
         # A holder would answer its own models from its store, without the network.
@@ -265,6 +311,10 @@ async def _measure_find(
     for i, (glob, asker) in enumerate(plan):
         # Alternating which goes first spreads any warm-up (a dial, a cache) over both.
         samples.append(await _sample(asker, glob, holders, exact_first=i % 2 == 0))
+    return samples
+
+
+def _find_figures(samples: list[_Sample], clock: _Clock) -> list[Figure]:
     wrong = [s for s in samples if s.wrong]
     for s in wrong[:5]:
         clock.say(f"find {s.glob!r} wrong: {s.wrong}")
@@ -306,14 +356,16 @@ async def _sample(
     holder = holders[exact_name].peer_id
     exact_seconds = 0.0
     exact_missed = True
+    hops = 0
 
     async def exact() -> None:
-        nonlocal exact_seconds, exact_missed
+        nonlocal exact_seconds, exact_missed, hops
         started = time.perf_counter()
-        with trio.move_on_after(FIND_TIMEOUT):
+        with trio.move_on_after(FIND_TIMEOUT), trace_walks() as walks:
             found = await asker.dht.find_providers(key)
             exact_missed = all(p.peer_id != holder for p in found)
         exact_seconds = time.perf_counter() - started
+        hops = sum(w.rounds for w in walks)
 
     if exact_first:
         await exact()
@@ -322,7 +374,8 @@ async def _sample(
     find_seconds = time.perf_counter() - started
     if not exact_first:
         await exact()
-    return _Sample(glob, find_seconds, exact_seconds, _wrong(result, glob, holders), exact_missed)
+    wrong = _wrong(result, glob, holders)
+    return _Sample(glob, find_seconds, exact_seconds, wrong, exact_missed, hops)
 
 
 def _wrong(result: dict[str, Any], glob: str, holders: dict[str, Node]) -> str | None:

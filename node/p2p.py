@@ -82,13 +82,23 @@ Found later, in Yamux over Noise:
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
 import re
 import socket
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Iterator,
+    Mapping,
+    Sequence,
+)
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import trio
@@ -814,6 +824,33 @@ class _KadHost:
         return await self._host.new_stream(peer_id, [_to_dmm_kad(p) for p in protocol_ids])
 
 
+@dataclass(frozen=True, slots=True)
+class WalkTrace:
+    """One DHT walk: its sequential query rounds (hops) and the peers it asked."""
+
+    rounds: int
+    asked: int
+
+
+_walk_traces: contextvars.ContextVar[list[WalkTrace] | None] = contextvars.ContextVar(
+    "dmm_walk_traces", default=None
+)
+
+
+@contextmanager
+def trace_walks() -> Iterator[list[WalkTrace]]:
+    """Collect a `WalkTrace` for each DHT walk this task makes inside the block.
+
+    For measuring hops (the benchmarks): tasks started elsewhere are not traced.
+    """
+    traces: list[WalkTrace] = []
+    token = _walk_traces.set(traces)
+    try:
+        yield traces
+    finally:
+        _walk_traces.reset(token)
+
+
 class KadDht(KadDHT):
     """py-libp2p's server-mode ``KadDHT`` with defects 12-19 handled.
 
@@ -987,6 +1024,7 @@ class KadDht(KadDHT):
             if peer not in known:
                 known.append(peer)
         asked: set[ID] = set()
+        rounds = 0
 
         async def ask_one(peer: ID) -> None:
             with trio.move_on_after(QUERY_TIMEOUT):
@@ -1000,9 +1038,13 @@ class KadDht(KadDHT):
             if not batch:
                 break
             asked.update(batch)
+            rounds += 1
             async with trio.open_nursery() as nursery:
                 for peer in batch:
                     nursery.start_soon(ask_one, peer)
+        traces = _walk_traces.get()
+        if traces is not None:
+            traces.append(WalkTrace(rounds, len(asked)))
         return sort_peer_ids_by_distance(key, list(asked))
 
 
