@@ -46,6 +46,7 @@ class Request:
     params: dict[str, str]
     _receive: Receive
     _body: bytes | None = None
+    query_string: str = ""  # raw, as received (the proxy forwards it unchanged)
 
     async def body(self, limit: int = MAX_JSON_BODY) -> bytes:
         if self._body is None:
@@ -159,6 +160,7 @@ class Router:
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             params={},
             _receive=receive,
+            query_string=scope.get("query_string", b"").decode("latin-1"),
         )
         try:
             handler, request.params = self.resolve(method, request.path)
@@ -189,21 +191,28 @@ async def _send_response(send: Send, response: Response, *, head: bool) -> None:
         k.lower() == "content-length" for k, _ in response.headers
     ):
         headers.append((b"content-length", str(len(response.body)).encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    if head:
-        await send({"type": "http.response.body", "body": b""})
-        return
-    if response.stream is None:
-        await send({"type": "http.response.body", "body": response.body})
-        return
     try:
-        async for piece in response.stream:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-    except HTTPError as exc:
-        # Headers are gone already: report in-band, as Ollama does in a stream.
-        line = json.dumps({"error": exc.message}).encode() + b"\n"
-        await send({"type": "http.response.body", "body": line, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if response.stream is None:
+            await send({"type": "http.response.body", "body": response.body})
+            return
+        try:
+            async for piece in response.stream:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        except HTTPError as exc:
+            # Headers are gone already: report in-band, as Ollama does in a stream.
+            line = json.dumps({"error": exc.message}).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        # A stream not read to its end (HEAD, client gone) still releases what it holds,
+        # e.g. a proxied upstream connection.
+        aclose = getattr(response.stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def serve_http(
