@@ -125,10 +125,16 @@ class Hooks:
         return {event: [h.name for h in hooks] for event, hooks in self._hooks.items() if hooks}
 
     def setup_default_hooks(self) -> None:
-        """A logging hook and a counting hook on every event (counts in ``self.counts``)."""
+        """A logging hook and a counting hook on every event (counts in ``self.counts``).
+
+        They run first, so every event fired is logged and counted even when a pre-hook
+        after them refuses it."""
         for event in EVENTS:
-            self.add(event, self._log_event, name="log")
-            self.add(event, self._count_event, name="count")
+            defaults = [
+                _Registered("log", fn=self._log_event),
+                _Registered("count", fn=self._count_event),
+            ]
+            self._hooks[event][:0] = defaults
 
     async def _log_event(self, hook_event: HookEvent) -> None:
         details = " ".join(f"{k}={v}" for k, v in hook_event.details.items())
