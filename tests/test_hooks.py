@@ -12,6 +12,7 @@ import ollama
 import pytest
 import trio
 
+from node.config import ConfigError, load_config
 from node.daemon import open_node
 from node.hooks import EVENTS, HookError, HookEvent, Hooks
 from node.testing import node_config
@@ -190,3 +191,22 @@ async def test_node_add_model_hook_sees_pulls(tmp_path: Path, make_model: MakeMo
             # Other managers fire their own events through the same object.
             await b.hooks.fire("on-replica-change", "seen:v1", replicas=2)
             assert b.hooks.counts["on-replica-change"] == 1
+
+
+def test_hooks_config_section(tmp_path: Path) -> None:
+    path = tmp_path / "node.toml"
+    path.write_text("[hooks]\ntimeout = \"5s\"\npre-pull = ['exit 0', 'true']\n")
+    config = load_config(path)
+    assert config.hooks.timeout == 5
+    assert dict(config.hooks.commands) == {"pre-pull": ("exit 0", "true")}
+    assert dict(load_config(None).hooks.commands) == {}
+    for text, problem in (
+        ("[hooks]\npre-pul = []\n", "hooks.pre-pul: unknown key (did you mean pre-pull?)"),
+        ("[hooks]\npost-push = 'echo'\n", "hooks.post-push: expected an array of strings"),
+        ("[hooks]\npost-push = ['']\n", "hooks.post-push[0]: must not be empty"),
+        ('[hooks]\ntimeout = "0s"\n', "hooks.timeout"),
+    ):
+        path.write_text(text)
+        with pytest.raises(ConfigError) as bad:
+            load_config(path)
+        assert problem in str(bad.value) and "\n" not in str(bad.value)
