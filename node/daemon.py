@@ -29,7 +29,7 @@ from node.catalog_service import (
 )
 from node.config import Config
 from node.dht import Dht
-from node.hooks import HookFn, Hooks
+from node.hooks import HookError, HookFn, Hooks
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
 from node.local import open_store
@@ -274,7 +274,7 @@ class Node:
                 log.info(
                     "followed model %s pulled: %d bytes fetched", full_name, result["bytes_fetched"]
                 )
-        except PullError as exc:
+        except (PullError, HookError) as exc:
             log.warning("followed model %s not pulled: %s", full_name, exc)
         finally:
             self._pulling.discard(full_name)
