@@ -210,3 +210,30 @@ def test_hooks_config_section(tmp_path: Path) -> None:
         with pytest.raises(ConfigError) as bad:
             load_config(path)
         assert problem in str(bad.value) and "\n" not in str(bad.value)
+
+
+async def test_a_refused_followed_pull_leaves_the_node_up(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    async with open_node(node_config(tmp_path, "a")) as a:
+        extra = '[sync]\nfollow = ["auto*"]\n'
+        config = node_config(tmp_path, "follower", [a.host.listen_addrs[0]], extra=extra)
+        async with open_node(config) as follower:
+            refused = trio.Event()
+
+            async def refuse_async(event: HookEvent) -> None:
+                refused.set()
+                raise RuntimeError("not on this machine")
+
+            follower.add_model_hook("pre-pull", refuse_async)
+            with trio.fail_after(20):
+                while a.peer_id not in follower.host.connected_peers():
+                    await trio.sleep(0.05)
+                await follower.announcer.wait_for_peer(a.peer_id)
+            await _add(a, make_model, "auto-model:v1")
+            with trio.fail_after(60):
+                await refused.wait()
+            async with httpx.AsyncClient(base_url=follower.api_urls[0], timeout=10) as http:
+                assert (await http.get("/api/health")).json()["status"] == "ok"
+            assert follower.store.list_models() == []
+            assert follower.hooks.failures["pre-pull"] == 1
