@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -300,6 +301,10 @@ def add_ollama_routes(router: Router, node: Node) -> None:
             raise HTTPError(400, f"digest mismatch: {exc}") from None
         except StoreFullError as exc:
             raise HTTPError(507, str(exc)) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise HTTPError(507, f"disk full while storing blob {digest}") from None
+            raise HTTPError(500, f"blob {digest} not stored: {exc.strerror or exc}") from None
         if created:
             log.info("blob %s uploaded", digest[:19])
         return Response(201 if created else 200, b"")
