@@ -47,6 +47,7 @@ class Request:
     _receive: Receive
     _body: bytes | None = None
     query_string: str = ""  # raw, as received (the proxy forwards it unchanged)
+    _body_done: bool = False
 
     async def body(self, limit: int = MAX_JSON_BODY) -> bytes:
         if self._body is None:
@@ -60,15 +61,26 @@ class Request:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive (for uploads that must not sit in memory)."""
-        while True:
+        while not self._body_done:
             message = await self._receive()
             if message["type"] == "http.disconnect":
+                self._body_done = True
                 raise HTTPError(400, "client disconnected")
             piece = message.get("body", b"")
+            if not message.get("more_body", False):
+                self._body_done = True
             if piece:
                 yield piece
-            if not message.get("more_body", False):
-                return
+
+    async def discard_body(self) -> None:
+        """Read and drop what is left of the body. A handler that answers before reading it
+        (a blob already stored, a bad digest) would otherwise leave it on a keep-alive
+        connection, which the server then closes under the client's next request."""
+        try:
+            async for _ in self.stream():
+                pass
+        except HTTPError:
+            pass
 
     async def json(self) -> dict[str, Any]:
         raw = await self.body()
@@ -171,6 +183,7 @@ class Router:
             # The node stays up whatever a request does; the client gets one line.
             log.exception("internal error on %s %s", method, request.path)
             response = error_response(500, f"internal error: {exc}")
+        await request.discard_body()
         await _send_response(send, response, head=method == "HEAD")
 
 

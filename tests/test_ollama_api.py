@@ -133,6 +133,9 @@ async def test_create_from_uploaded_blobs(tmp_path: Path, make_model: MakeModel)
             assert node.store.cas.path(digest).read_bytes() == weights.read_bytes()
             # The upload is indexed like any blob, so peers can fetch it in chunks.
             assert node.store.db.blob_chunks(digest)
+            # Uploading a blob the store has answers at once, and the connection stays usable
+            # for the next request (the unread body must not poison keep-alive).
+            assert await client.create_blob(weights) == digest
             statuses = [
                 p.status
                 async for p in await client.create(
@@ -234,9 +237,39 @@ async def test_bad_input_gets_ollama_errors_and_stores_nothing(
                 assert r.status_code == 201
                 assert (await http.head(f"/api/blobs/{digest}")).status_code == 200
                 assert (await http.post(f"/api/blobs/{digest}", content=good)).status_code == 200
+            # Answered before its body was read (blob already here, bad digest), a request
+            # still leaves its connection usable: the next request on it is answered too.
+            host, port = node.api_urls[0].removeprefix("http://").rsplit(":", 1)
+            for target in (digest, "not-a-digest"):
+                with trio.fail_after(20):
+                    answers = await _two_requests_on_one_connection(
+                        host, int(port), target, bytes(4 * MiB)
+                    )
+                assert answers.count(b"HTTP/1.1 ") == 2, answers
+                assert b'{"version":' in answers
         after = _store_files(node.store.models_dir)
         assert after - before == {f"blobs/sha256-{digest[7:]}"}
         assert node.store.verify().ok  # the node stayed up and the store is whole
+
+
+async def _two_requests_on_one_connection(host: str, port: int, digest: str, body: bytes) -> bytes:
+    """A blob upload and a GET pipelined on one connection; everything the server sent."""
+    upload = (
+        f"POST /api/blobs/{digest} HTTP/1.1\r\nhost: {host}\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    version = f"GET /api/version HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(upload + version)
+        received = b""
+        with trio.move_on_after(5):
+            while received.count(b"HTTP/1.1 ") < 2 or not received.endswith(b"}"):
+                data = await stream.receive_some()
+                if not data:
+                    break
+                received += data
+    return received
 
 
 async def test_pull_through_a_node_and_push_with_the_official_client(
