@@ -255,8 +255,7 @@ async def test_bad_input_gets_ollama_errors_and_stores_nothing(
 async def _two_requests_on_one_connection(host: str, port: int, digest: str, body: bytes) -> bytes:
     """A blob upload and a GET pipelined on one connection; everything the server sent."""
     upload = (
-        f"POST /api/blobs/{digest} HTTP/1.1\r\nhost: {host}\r\n"
-        f"content-length: {len(body)}\r\n\r\n"
+        f"POST /api/blobs/{digest} HTTP/1.1\r\nhost: {host}\r\ncontent-length: {len(body)}\r\n\r\n"
     ).encode() + body
     version = f"GET /api/version HTTP/1.1\r\nhost: {host}\r\n\r\n".encode()
     stream = await trio.open_tcp_stream(host, port)
