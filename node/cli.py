@@ -333,16 +333,26 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, config: Config) -> int:
-    with open_store(config) as store:
-        removed = []
-        for name in args.names:
-            stored = store.remove(name)
-            removed.append(stored.name.display)
-            if not args.json:
-                print(f"deleted '{stored.name.display}' (its blobs stay until `dmm gc`)")
+    names = [parse_model_name(name) for name in args.names]  # all valid before any is deleted
+    removed = []
+    # A running node deletes through its hooks (pre-delete may refuse) and withdraws at once.
+    through_node = True
+    for name in names:
+        if through_node:
+            try:
+                api_call(config, "DELETE", "/api/delete", body={"model": name.full})
+            except NodeUnreachable:
+                through_node = False
+        if not through_node:
+            with open_store(config) as store:
+                store.remove(name.full)
+        removed.append(name.display)
+        if not args.json:
+            print(f"deleted '{name.display}' (its blobs stay until `dmm gc`)")
     if args.json:
         emit_json({"deleted": removed})
-    tell_node(config, quiet=args.json)
+    if not through_node:
+        tell_node(config, quiet=args.json)
     return EXIT_OK
 
 
@@ -423,13 +433,23 @@ class NodeUnreachable(CommandError):
     pass
 
 
-def api_call(config: Config, method: str, path: str, timeout: float = 30.0) -> Any:
-    """JSON from the node's HTTP API at ``[api] listen``."""
+def api_call(
+    config: Config,
+    method: str,
+    path: str,
+    timeout: float = 30.0,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """JSON from the node's HTTP API at ``[api] listen`` (None for an empty answer)."""
     url = f"http://{config.api.listen}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+    request = urllib.request.Request(
+        url, method=method, data=data, headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            raw = response.read()
+            return json.loads(raw) if raw.strip() else None
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error", exc.reason)

@@ -18,7 +18,7 @@ from node.hooks import EVENTS, HookError, HookEvent, Hooks
 from node.testing import node_config
 from storage.names import parse_model_name
 from tests.conftest import MakeModel, dmm
-from tests.test_ollama_api import _add, cli_config
+from tests.test_ollama_api import _add, _connected, cli_config
 
 MiB = 1024 * 1024
 
@@ -85,6 +85,7 @@ def _hooks_toml(**events: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.slow
 async def test_pre_pull_shell_hook_refuses_with_its_message(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -116,6 +117,7 @@ async def test_pre_pull_shell_hook_refuses_with_its_message(
             assert "post-pull" not in status["counts"]
 
 
+@pytest.mark.slow
 async def test_post_hooks_get_the_event_in_their_environment(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -134,6 +136,7 @@ async def test_post_hooks_get_the_event_in_their_environment(
         config = node_config(tmp_path, "b", [a.host.listen_addrs[0]], extra=extra)
         async with open_node(config) as b:
             client = ollama.AsyncClient(host=b.api_urls[0])
+            await _connected(b, a)
             with trio.fail_after(60):
                 assert (await client.pull("watched:v1")).status == "success"
             env = _read_env(out / "post-pull")
@@ -156,6 +159,11 @@ async def test_post_hooks_get_the_event_in_their_environment(
             cli = cli_config(tmp_path, b)
             proc = await trio.to_thread.run_sync(lambda: dmm(cli, "node", "status"))
             assert "pre-delete: `test" in proc.stdout and "post-pull 1" in proc.stdout
+            # `dmm rm` goes through the running node, so its hooks apply there too.
+            proc = await trio.to_thread.run_sync(lambda: dmm(cli, "rm", "kept:v1", check=1))
+            assert "kept" in proc.stderr.splitlines()[-1]
+            assert b.store.layout.read(parse_model_name("kept:v1")) is not None
+            assert b.hooks.counts["pre-delete"] == 3
 
 
 def _read_env(path: Path) -> dict[str, str]:
@@ -181,6 +189,7 @@ async def test_node_add_model_hook_sees_pulls(tmp_path: Path, make_model: MakeMo
             async def quiet(event: dict[str, object]) -> None:
                 pass
 
+            await _connected(b, a)
             with trio.fail_after(60):
                 await b.pull("seen:v1", quiet)
                 await pulled.wait()

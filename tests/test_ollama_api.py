@@ -30,6 +30,13 @@ async def _add(node: Node, make_model: MakeModel, name: str, size: int = MiB, **
     return path
 
 
+async def _connected(node: Node, peer: Node) -> None:
+    """Wait until ``node`` has dialled its bootstrap ``peer`` (it does so in the background)."""
+    with trio.fail_after(20):
+        while peer.peer_id not in node.host.connected_peers():
+            await trio.sleep(0.05)
+
+
 def _store_files(models_dir: Path) -> set[str]:
     """Every file under the store's manifests/ and blobs/, to prove nothing was written."""
     found = set()
@@ -271,12 +278,14 @@ async def _two_requests_on_one_connection(host: str, port: int, digest: str, bod
     return received
 
 
+@pytest.mark.slow
 async def test_pull_through_a_node_and_push_with_the_official_client(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
     async with open_swarm(tmp_path, 2) as (a, b):
         await _add(a, make_model, "shared:q4", size=4 * MiB, template="{{ .Prompt }}")
         client_b = ollama.AsyncClient(host=b.api_urls[0])
+        await _connected(b, a)
         with trio.fail_after(60):
             progress = [p async for p in await client_b.pull("shared:q4", stream=True)]
         statuses = [p.status for p in progress]
