@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -214,6 +215,8 @@ async def _receive_upload(node: Node, request: Request, digest: str) -> bool:
                     await trio.to_thread.run_sync(f.write, data)
             await trio.to_thread.run_sync(f.write, bytes(pending))
             await trio.to_thread.run_sync(f.flush)
+            # On disk before it gets its name: a crash must not leave a named, unwritten blob.
+            await trio.to_thread.run_sync(os.fsync, f.fileno())
         finally:
             await trio.to_thread.run_sync(f.close)
         return await trio.to_thread.run_sync(store.adopt_upload, tmp, digest)
@@ -312,7 +315,8 @@ def add_ollama_routes(router: Router, node: Node) -> None:
     @router.route("POST", "/api/create")
     async def create(request: Request) -> Response:
         body = await request.json()
-        plan = await trio.to_thread.run_sync(plan_create, node.store, body)
+        _, name = model_name(body)
+        plan = await trio.to_thread.run_sync(plan_create, node.store, name, body)
         events = create_model_events(node, plan)
         return await _answer(events, stream_wanted(body))
 

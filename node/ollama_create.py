@@ -119,12 +119,9 @@ def _mapping(body: dict[str, Any], key: str) -> dict[str, Any]:
     return value
 
 
-def plan_create(store: ModelStore, body: dict[str, Any]) -> CreatePlan:
-    """Check a create request against the store; raise HTTPError saying what is wrong.
-    Blocking (reads GGUF headers): run it on a worker thread."""
-    from node.ollama_api import model_name
-
-    _, name = model_name(body)
+def plan_create(store: ModelStore, name: ModelName, body: dict[str, Any]) -> CreatePlan:
+    """Check a create request for ``name`` against the store; raise HTTPError saying what
+    is wrong. Blocking (reads GGUF headers): run it on a worker thread."""
     if body.get("quantize"):
         raise _bad("quantize is not supported by dmm; upload an already-quantized GGUF file")
     files, adapters = _mapping(body, "files"), _mapping(body, "adapters")
