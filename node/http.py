@@ -118,8 +118,13 @@ def error_response(status: int, message: str) -> Response:
 
 def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> Response:
     async def lines() -> AsyncIterator[bytes]:
-        async for item in items:
-            yield json.dumps(item, separators=(",", ":")).encode() + b"\n"
+        try:
+            async for item in items:
+                yield json.dumps(item, separators=(",", ":")).encode() + b"\n"
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     return Response(200, content_type="application/x-ndjson", stream=lines())
 
