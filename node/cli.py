@@ -696,7 +696,7 @@ def build_parser() -> argparse.ArgumentParser:
         "publish a local model to the swarm now (signed version record, DHT, gossip); "
         "[hooks] pre-push may refuse it",
     )
-    p.add_argument("name", metavar="NAME[:TAG]")
+    p.add_argument("name", metavar="NAME[:TAG]", help="a model in this node's store")
 
     p = add("find", cmd_find, "find models anywhere on the network by glob, e.g. 'llama*'")
     p.add_argument("glob", metavar="GLOB", help="fnmatch glob over name:tag (quote it)")

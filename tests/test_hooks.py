@@ -246,3 +246,31 @@ async def test_a_refused_followed_pull_leaves_the_node_up(
                 assert (await http.get("/api/health")).json()["status"] == "ok"
             assert follower.store.list_models() == []
             assert follower.hooks.failures["pre-pull"] == 1
+
+
+async def test_pre_push_hook_refuses_and_post_push_gets_the_version(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    out = tmp_path / "pushed.env"
+    extra = _hooks_toml(
+        **{
+            "pre-push": 'test "$DMM_MODEL" != "secret:v1" || { echo secret stays >&2; exit 1; }',
+            "post-push": f"env | grep ^DMM_ > {out}",
+        }
+    )
+    async with open_node(node_config(tmp_path, "p", extra=extra)) as node:
+        await _add(node, make_model, "secret:v1")
+        await _add(node, make_model, "public:v1")
+        client = ollama.AsyncClient(host=node.api_urls[0])
+        with trio.fail_after(30):
+            with pytest.raises(ollama.ResponseError) as refused:
+                await client.push("secret:v1")
+            assert refused.value.status_code == 403
+            assert "secret stays" in refused.value.error
+            assert "post-push" not in node.hooks.counts  # refused before anything was published
+            assert not out.exists()
+            assert (await client.push("public:v1")).status == "success"
+        env = _read_env(out)
+        assert env["DMM_MODEL"] == "public:v1" and env["DMM_EVENT"] == "post-push"
+        assert env["DMM_DIGEST"] == node.store.get("public:v1").digest
+        assert len(env["DMM_VERSION"]) == 64

@@ -304,12 +304,14 @@ async def test_pull_through_a_node_and_push_with_the_official_client(
         assert leftovers == []
 
         # Push: a model only B has is published to the swarm, and A can then pull it.
-        await _add(b, make_model, "fromb:v1", size=MiB)
-        announced = b.announcer.stats.published
+        # Added to the store behind the node's back: not published until pushed.
+        weights = make_model("fromb.gguf", size=MiB)
+        await trio.to_thread.run_sync(lambda: b.store.add_model("fromb:v1", weights))
+        assert b.book.records(parse_model_name("fromb:v1")) == []
         with trio.fail_after(30):
             pushed = [p.status async for p in await client_b.push("fromb:v1", stream=True)]
         assert pushed[0] == "retrieving manifest" and pushed[-2:] == ["pushing manifest", "success"]
-        assert b.announcer.stats.published > announced
+        assert len(b.book.records(parse_model_name("fromb:v1"))) == 1
         with trio.fail_after(60):
             done = await ollama.AsyncClient(host=a.api_urls[0]).pull("fromb:v1")
         assert done.status == "success"
