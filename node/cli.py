@@ -25,7 +25,7 @@ from storage.db import DatabaseError
 from storage.fsutil import StoreFullError
 from storage.gguf import GGUFError, details, model_info
 from storage.manifest import LAYER_PREFIX, ManifestError
-from storage.names import InvalidName
+from storage.names import InvalidName, parse_model_name
 from storage.store import ModelNotFound, ModelStore, StoreError
 
 if TYPE_CHECKING:
@@ -333,16 +333,26 @@ def cmd_show(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_rm(args: argparse.Namespace, config: Config) -> int:
-    with open_store(config) as store:
-        removed = []
-        for name in args.names:
-            stored = store.remove(name)
-            removed.append(stored.name.display)
-            if not args.json:
-                print(f"deleted '{stored.name.display}' (its blobs stay until `dmm gc`)")
+    names = [parse_model_name(name) for name in args.names]  # all valid before any is deleted
+    removed = []
+    # A running node deletes through its hooks (pre-delete may refuse) and withdraws at once.
+    through_node = True
+    for name in names:
+        if through_node:
+            try:
+                api_call(config, "DELETE", "/api/delete", body={"model": name.full})
+            except NodeUnreachable:
+                through_node = False
+        if not through_node:
+            with open_store(config) as store:
+                store.remove(name.full)
+        removed.append(name.display)
+        if not args.json:
+            print(f"deleted '{name.display}' (its blobs stay until `dmm gc`)")
     if args.json:
         emit_json({"deleted": removed})
-    tell_node(config, quiet=args.json)
+    if not through_node:
+        tell_node(config, quiet=args.json)
     return EXIT_OK
 
 
@@ -423,13 +433,23 @@ class NodeUnreachable(CommandError):
     pass
 
 
-def api_call(config: Config, method: str, path: str, timeout: float = 30.0) -> Any:
-    """JSON from the node's HTTP API at ``[api] listen``."""
+def api_call(
+    config: Config,
+    method: str,
+    path: str,
+    timeout: float = 30.0,
+    body: dict[str, Any] | None = None,
+) -> Any:
+    """JSON from the node's HTTP API at ``[api] listen`` (None for an empty answer)."""
     url = f"http://{config.api.listen}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
+    request = urllib.request.Request(
+        url, method=method, data=data, headers={"content-type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
+            raw = response.read()
+            return json.loads(raw) if raw.strip() else None
     except urllib.error.HTTPError as exc:
         try:
             message = json.loads(exc.read()).get("error", exc.reason)
@@ -487,6 +507,16 @@ def cmd_node_status(args: argparse.Namespace, config: Config) -> int:
     print(f"peers     {status['peers']} connected, {status['dht_routing_table']} in the DHT table")
     print(f"models    {status['models']} in the store, {status['published']} provided")
     print(f"uptime    {status['uptime']:.0f}s")
+    hooks = status.get("hooks", {})
+    own = {
+        event: [h for h in names if h not in ("log", "count")]
+        for event, names in hooks.get("hooks", {}).items()
+    }
+    listed = "; ".join(f"{event}: {', '.join(names)}" for event, names in own.items() if names)
+    fired = ", ".join(f"{event} {n}" for event, n in sorted(hooks.get("counts", {}).items()))
+    print(f"hooks     {listed or 'none configured'}")
+    if fired:
+        print(f"fired     {fired}")
     return EXIT_OK
 
 
@@ -572,26 +602,33 @@ def cmd_find(args: argparse.Namespace, config: Config) -> int:
     return EXIT_OK
 
 
-def cmd_pull(args: argparse.Namespace, config: Config) -> int:
-    """Stream /api/pull from the node and draw it: one bar per blob, with peers and rate."""
-    body = json.dumps({"model": args.name, "stream": True}).encode()
-    url = f"http://{config.api.listen}/api/pull"
+def _api_stream(config: Config, path: str, body: dict[str, Any], what: str) -> Any:
+    """Open a streaming POST to the node's API; the response yields NDJSON lines."""
+    url = f"http://{config.api.listen}{path}"
     request = urllib.request.Request(
-        url, data=body, method="POST", headers={"content-type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"content-type": "application/json"},
     )
     try:
-        response = urllib.request.urlopen(request, timeout=600)
+        return urllib.request.urlopen(request, timeout=600)
     except urllib.error.HTTPError as exc:
         try:
             reason = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             reason = exc.reason
-        raise CommandError(f"the node refused the pull: {reason}") from None
+        raise CommandError(f"the node refused the {what}: {reason}") from None
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
         raise NodeUnreachable(
             f"no node answers at http://{config.api.listen} ({getattr(exc, 'reason', exc)}); "
             "start one with `dmm node start`"
         ) from None
+
+
+def cmd_pull(args: argparse.Namespace, config: Config) -> int:
+    """Stream /api/pull from the node and draw it: one bar per blob, with peers and rate."""
+    response = _api_stream(config, "/api/pull", {"model": args.name, "stream": True}, "pull")
     last: dict[str, Any] = {}
     with response, pull_progress(enabled=not args.json) as show:
         for line in response:
@@ -615,6 +652,33 @@ def cmd_pull(args: argparse.Namespace, config: Config) -> int:
             f"{len(peers)} peer(s), {human_size(last.get('bytes_local', 0))} copied from "
             "local blobs"
         )
+    return EXIT_OK
+
+
+def cmd_push(args: argparse.Namespace, config: Config) -> int:
+    """Stream /api/push: the running node publishes a local model to the swarm."""
+    parse_model_name(args.name)  # a bad name is bad usage (exit 2), not a node failure
+    response = _api_stream(config, "/api/push", {"model": args.name, "stream": True}, "push")
+    last: dict[str, Any] = {}
+    seen: set[str] = set()
+    with response:
+        for line in response:
+            if not line.strip():
+                continue
+            event = json.loads(line)
+            if "error" in event:
+                raise CommandError(f"push of {args.name} failed: {event['error']}")
+            status = str(event.get("status", ""))
+            if not args.json and status not in seen:
+                seen.add(status)
+                print(status, file=sys.stderr)
+            last = event
+    if last.get("status") != "success":
+        raise CommandError(f"push of {args.name} ended early; run it again")
+    if args.json:
+        emit_json({"model": args.name, "status": "success", "version": last.get("version")})
+    else:
+        print(f"pushed {args.name}: version {str(last.get('version'))[:12]} announced to the swarm")
     return EXIT_OK
 
 
@@ -696,6 +760,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("pull", cmd_pull, "pull a model from the peers that hold it (resumes if interrupted)")
     p.add_argument("name", metavar="NAME[:TAG]")
+
+    p = add(
+        "push",
+        cmd_push,
+        "publish a local model to the swarm now (signed version record, DHT, gossip); "
+        "[hooks] pre-push may refuse it",
+    )
+    p.add_argument("name", metavar="NAME[:TAG]", help="a model in this node's store")
 
     p = add("find", cmd_find, "find models anywhere on the network by glob, e.g. 'llama*'")
     p.add_argument("glob", metavar="GLOB", help="fnmatch glob over name:tag (quote it)")

@@ -35,6 +35,7 @@ __all__ = [
     "Compression",
     "Config",
     "ConfigError",
+    "HooksConfig",
     "MetricsConfig",
     "NetworkConfig",
     "NodeConfig",
@@ -103,6 +104,17 @@ KNOWN_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
         "network": ("listen", "bootstrap", "mdns", "allowlist"),
         "api": ("listen", "upstream", "upstream_registry"),
         "metrics": ("enabled", "interval"),
+        "hooks": (
+            "timeout",
+            "pre-pull",
+            "post-pull",
+            "pre-push",
+            "post-push",
+            "pre-delete",
+            "post-delete",
+            "on-conflict",
+            "on-replica-change",
+        ),
     }
 )
 
@@ -190,6 +202,13 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HooksConfig:
+    timeout: float
+    # event -> shell commands, in order; read-only, excluded from hashing like node.tags.
+    commands: Mapping[str, tuple[str, ...]] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     path: Path | None  # absolute path of the file read, None = built-in defaults
     node: NodeConfig
@@ -199,6 +218,7 @@ class Config:
     network: NetworkConfig
     api: ApiConfig
     metrics: MetricsConfig
+    hooks: HooksConfig
 
 
 # --- value parsers (usable on their own; raise ValueError with a message) ---------------------
@@ -692,6 +712,17 @@ class _Loader:
             interval=self.duration("metrics.interval", "15s", positive=True),
         )
 
+    def hooks(self) -> HooksConfig:
+        commands = {
+            event: cmds
+            for event in KNOWN_KEYS["hooks"]
+            if event != "timeout" and (cmds := self.string_list(f"hooks.{event}"))
+        }
+        return HooksConfig(
+            timeout=self.duration("hooks.timeout", "30s", positive=True),
+            commands=MappingProxyType(commands),
+        )
+
     def load(self, path: Path | None) -> Config:
         self.check_schema()
         node = self.node()
@@ -704,6 +735,7 @@ class _Loader:
             network=self.network(),
             api=self.api(),
             metrics=self.metrics(),
+            hooks=self.hooks(),
         )
 
 

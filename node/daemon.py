@@ -30,6 +30,7 @@ from node.catalog_service import (
 )
 from node.config import Config
 from node.dht import Dht
+from node.hooks import HookError, HookFn, Hooks
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
 from node.live_chunks import LiveChunks
@@ -43,6 +44,7 @@ from node.pull import Emit, PullError, pull_model
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
 from protocols.records import Announcement, VersionRecord
+from storage.manifest import Manifest
 from storage.names import ModelName, parse_model_name
 from storage.store import ModelStore
 
@@ -128,6 +130,9 @@ class Node:
         self._published: dict[str, str] = {}  # full name:tag -> manifest digest provided
         self._publish_lock = trio.Lock()
         self._refresh_scheduled = False
+        # Pre-hooks may refuse pull, push, delete; sync and replication fire their own events.
+        self.hooks = Hooks(config.hooks.commands, timeout=config.hooks.timeout)
+        self.hooks.setup_default_hooks()
 
     @property
     def peer_id(self) -> str:
@@ -231,20 +236,7 @@ class Node:
             changed = [e for e in entries if self._published.get(e.name.full) != e.digest]
             records: list[VersionRecord] = []
             for entry in changed:
-                record = await trio.to_thread.run_sync(
-                    self.book.record_local, entry.name, entry.digest, entry.size
-                )
-                records.append(record)
-                await self._provide(entry.name, entry.manifest.blob_digests())
-                try:
-                    await self.dht.put_version(record)
-                except Exception as exc:  # a DHT with no peers yet fails puts
-                    log.info(
-                        "model %s: version record not stored in the DHT yet (%s)",
-                        entry.name.display,
-                        exc,
-                    )
-                self._published[entry.name.full] = entry.digest
+                records.append(await self._publish(entry.name, entry.digest, entry.manifest))
             removed = [name for name in self._published if name not in current]
             for name in removed:
                 del self._published[name]
@@ -259,6 +251,19 @@ class Node:
                 for record in records:
                     self.activity.event("published", "version record signed", model=record.name)
             return {"published": len(changed), "removed": len(removed), "models": len(entries)}
+
+    async def _publish(self, name: ModelName, digest: str, manifest: Manifest) -> VersionRecord:
+        """Record, provide and store in the DHT one model version; the caller announces it."""
+        record = await trio.to_thread.run_sync(
+            self.book.record_local, name, digest, manifest.total_size
+        )
+        await self._provide(name, manifest.blob_digests())
+        try:
+            await self.dht.put_version(record)
+        except Exception as exc:  # a DHT with no peers yet fails puts
+            log.info("model %s: version record not stored in the DHT yet (%s)", name.display, exc)
+        self._published[name.full] = digest
+        return record
 
     async def _provide(self, name: ModelName, digests: list[str]) -> None:
         keys = [model_key(name), *index_keys_for_name(name.full), *(blob_key(d) for d in digests)]
@@ -304,18 +309,26 @@ class Node:
                 log.info(
                     "followed model %s pulled: %d bytes fetched", full_name, result["bytes_fetched"]
                 )
-        except PullError as exc:
+        except (PullError, HookError) as exc:
             log.warning("followed model %s not pulled: %s", full_name, exc)
         finally:
             self._pulling.discard(full_name)
 
+    def add_model_hook(self, event: str, fn: HookFn) -> None:
+        """Run ``fn(HookEvent)`` on ``event`` (see node/hooks.py); sync or async."""
+        self.hooks.add(event, fn)
+
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
+        """Pull through the hooks: a failing pre-pull hook raises HookError, nothing moves."""
+        model = parse_model_name(name)
+        await self.hooks.fire("pre-pull", model.display)
         tid, tracked = self.activity.track(name, emit)
         try:
             result = await pull_model(self, name, tracked)
         except PullError as exc:
             self.metrics.pull_done("failed")
             self.activity.event("pull-failed", str(exc), model=name)
+            await self.hooks.fire("post-pull", model.display, status="error", error=str(exc))
             raise
         finally:
             self.activity.finish(tid)
@@ -328,7 +341,42 @@ class Node:
             self.activity.event(
                 "pulled", f"{fetched:,} bytes fetched from {peers} peer(s)", model=name
             )
+        stored = await trio.to_thread.run_sync(self.store.layout.read, model)
+        await self.hooks.fire(
+            "post-pull",
+            model.display,
+            status="success",
+            digest=stored.digest if stored else "",
+            bytes_fetched=result["bytes_fetched"],
+            already_complete=result["already_complete"],
+        )
         return result
+
+    async def push(self, name: str) -> dict[str, Any]:
+        """Publish a local model to the swarm now: a signed version record, DHT provide,
+        gossip. Raises ModelNotFound, or HookError when a pre-push hook refuses."""
+        stored = await trio.to_thread.run_sync(self.store.get, name)
+        display = stored.name.display
+        await self.hooks.fire("pre-push", display, digest=stored.digest)
+        async with self._publish_lock:
+            record = await self._publish(stored.name, stored.digest, stored.manifest)
+        self.announcer.announce_nowait([record], self.host.listen_addrs)
+        log.info("model %s pushed: version %s", display, record.version_id.hex()[:12])
+        await self.hooks.fire(
+            "post-push", display, digest=stored.digest, version=record.version_id.hex()
+        )
+        return {"model": display, "digest": stored.digest, "version": record.version_id.hex()}
+
+    async def delete(self, name: str) -> str:
+        """Delete a model's manifest (blobs stay until gc) and withdraw it; its digest."""
+        stored = await trio.to_thread.run_sync(self.store.get, name)
+        display = stored.name.display
+        await self.hooks.fire("pre-delete", display, digest=stored.digest)
+        await trio.to_thread.run_sync(self.store.remove, name)
+        await self.refresh()
+        log.info("model %s deleted", display)
+        await self.hooks.fire("post-delete", display, digest=stored.digest)
+        return stored.digest
 
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""
@@ -356,6 +404,7 @@ class Node:
                 "received": self.announcer.stats.received,
                 "dropped_bad": self.announcer.stats.dropped_bad,
             },
+            "hooks": self.hooks.status(),
             "metrics": self.metrics.summary(),
             **self.activity.snapshot(),
         }

@@ -46,6 +46,8 @@ class Request:
     params: dict[str, str]
     _receive: Receive
     _body: bytes | None = None
+    query_string: str = ""  # raw, as received (the proxy forwards it unchanged)
+    _body_done: bool = False
 
     async def body(self, limit: int = MAX_JSON_BODY) -> bytes:
         if self._body is None:
@@ -59,15 +61,26 @@ class Request:
 
     async def stream(self) -> AsyncIterator[bytes]:
         """The body in pieces as they arrive (for uploads that must not sit in memory)."""
-        while True:
+        while not self._body_done:
             message = await self._receive()
             if message["type"] == "http.disconnect":
+                self._body_done = True
                 raise HTTPError(400, "client disconnected")
             piece = message.get("body", b"")
+            if not message.get("more_body", False):
+                self._body_done = True
             if piece:
                 yield piece
-            if not message.get("more_body", False):
-                return
+
+    async def discard_body(self) -> None:
+        """Read and drop what is left of the body. A handler that answers before reading it
+        (a blob already stored, a bad digest) would otherwise leave it on a keep-alive
+        connection, which the server then closes under the client's next request."""
+        try:
+            async for _ in self.stream():
+                pass
+        except HTTPError:
+            pass
 
     async def json(self) -> dict[str, Any]:
         raw = await self.body()
@@ -105,8 +118,13 @@ def error_response(status: int, message: str) -> Response:
 
 def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> Response:
     async def lines() -> AsyncIterator[bytes]:
-        async for item in items:
-            yield json.dumps(item, separators=(",", ":")).encode() + b"\n"
+        try:
+            async for item in items:
+                yield json.dumps(item, separators=(",", ":")).encode() + b"\n"
+        finally:
+            aclose = getattr(items, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     return Response(200, content_type="application/x-ndjson", stream=lines())
 
@@ -159,6 +177,7 @@ class Router:
             headers={k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]},
             params={},
             _receive=receive,
+            query_string=scope.get("query_string", b"").decode("latin-1"),
         )
         try:
             handler, request.params = self.resolve(method, request.path)
@@ -169,6 +188,7 @@ class Router:
             # The node stays up whatever a request does; the client gets one line.
             log.exception("internal error on %s %s", method, request.path)
             response = error_response(500, f"internal error: {exc}")
+        await request.discard_body()
         await _send_response(send, response, head=method == "HEAD")
 
 
@@ -189,21 +209,28 @@ async def _send_response(send: Send, response: Response, *, head: bool) -> None:
         k.lower() == "content-length" for k, _ in response.headers
     ):
         headers.append((b"content-length", str(len(response.body)).encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    if head:
-        await send({"type": "http.response.body", "body": b""})
-        return
-    if response.stream is None:
-        await send({"type": "http.response.body", "body": response.body})
-        return
     try:
-        async for piece in response.stream:
-            await send({"type": "http.response.body", "body": piece, "more_body": True})
-    except HTTPError as exc:
-        # Headers are gone already: report in-band, as Ollama does in a stream.
-        line = json.dumps({"error": exc.message}).encode() + b"\n"
-        await send({"type": "http.response.body", "body": line, "more_body": True})
-    await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        if head:
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if response.stream is None:
+            await send({"type": "http.response.body", "body": response.body})
+            return
+        try:
+            async for piece in response.stream:
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
+        except HTTPError as exc:
+            # Headers are gone already: report in-band, as Ollama does in a stream.
+            line = json.dumps({"error": exc.message}).encode() + b"\n"
+            await send({"type": "http.response.body", "body": line, "more_body": True})
+        await send({"type": "http.response.body", "body": b""})
+    finally:
+        # A stream not read to its end (HEAD, client gone) still releases what it holds,
+        # e.g. a proxied upstream connection.
+        aclose = getattr(response.stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 async def serve_http(

@@ -40,7 +40,7 @@ from storage.manifest import (
     Layer,
     Manifest,
 )
-from storage.names import ModelName, parse_model_name
+from storage.names import ModelName, parse_digest, parse_model_name
 from storage.ollama_store import BrokenManifest, OllamaLayout, StoredManifest
 from storage.partial import PARTIAL_SUFFIX, PROGRESS_SUFFIX, stale_partials
 
@@ -287,6 +287,63 @@ class ModelStore:
         )
         return Layer(media_type, digest, len(data))
 
+    # --- uploads, compose, copy (the Ollama API's create path) ---------------------------
+
+    def adopt_upload(self, tmp: Path, digest: str, reporter: Reporter = _quiet) -> bool:
+        """Give an uploaded temp file in the blobs directory its name, if it hashes to ``digest``.
+
+        One pass hashes and chunks it; on a mismatch the temp file is removed and
+        BlobMismatchError raised, so nothing is stored. Returns False when the blob was
+        already in the store (the upload is dropped).
+        """
+        digest = parse_digest(digest)
+        try:
+            if self.cas.location(digest) == "file":
+                self.cas.discard(tmp)
+                return False
+            index = self._index_staged(tmp, digest, reporter)
+            final = self.cas.place(tmp, digest)
+        except BaseException:
+            self.cas.discard(tmp)
+            raise
+        self.db.put_blob_index(index, final.stat().st_mtime_ns)
+        return True
+
+    def put_text_layer(self, text: str, media_type: str) -> Layer:
+        """A small layer (template, system, params, license, messages) stored and indexed."""
+        return self._put_small(text.encode(), media_type, [])
+
+    def config_layer(self, model_digest: str | None, layers: list[Layer]) -> Layer:
+        """The image config for ``layers``, details read from the model blob's GGUF header."""
+        info: GGUFInfo | None = None
+        if model_digest is not None and self.cas.location(model_digest) == "file":
+            try:
+                info = read_gguf_info(self.cas.path(model_digest))
+            except GGUFError as exc:
+                raise StoreError(f"blob {model_digest} is not a GGUF model: {exc}") from None
+        data = _config_json(info, layers)
+        return self._put_small(data, CONFIG_MEDIA_TYPE, [])
+
+    def write_model(self, name: str | ModelName, manifest: Manifest) -> str:
+        """Write ``manifest`` as ``name`` once every blob it names is here; its digest."""
+        model = parse_model_name(name) if isinstance(name, str) else name
+        with self.cas.commit_lock():
+            missing = [d for d in manifest.blob_digests() if not self.cas.has(d)]
+            if missing:
+                raise StoreError(f"blob {missing[0]} is not in the store")
+            self.layout.write(model, manifest)
+        self.db.upsert_model(model.full, manifest.digest, manifest.total_size)
+        return manifest.digest
+
+    def copy_model(self, source: str | ModelName, destination: str | ModelName) -> StoredManifest:
+        """``destination`` becomes a second name for ``source``'s manifest (same bytes, blobs)."""
+        stored = self.get(source)
+        dst = parse_model_name(destination) if isinstance(destination, str) else destination
+        with self.cas.commit_lock():
+            self.layout.write_raw(dst, stored.raw)
+        self.db.upsert_model(dst.full, stored.digest, stored.manifest.total_size)
+        return stored
+
     # --- import -------------------------------------------------------------------------
 
     def import_models(
@@ -498,9 +555,9 @@ def _disk_size(cas: ContentAddressedStore, digest: str) -> int:
     return 0
 
 
-def _config_json(info: GGUFInfo, layers: list[Layer]) -> bytes:
+def _config_json(info: GGUFInfo | None, layers: list[Layer]) -> bytes:
     """The image config Ollama writes next to a manifest (its ConfigV2)."""
-    d = details(info)
+    d = details(info) if info is not None else {}
     config = {
         "model_format": d.get("format", "gguf"),
         "model_family": d.get("family", ""),

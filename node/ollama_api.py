@@ -1,0 +1,411 @@
+"""Ollama's model-management API, served from the node's store with Ollama's JSON shapes.
+
+``GET /``, ``/api/version``, ``/api/tags``; ``POST /api/show``, ``/api/pull``, ``/api/push``,
+``/api/copy``, ``/api/create`` (node/ollama_create.py); ``DELETE /api/delete``;
+``HEAD|POST /api/blobs/:digest``. Errors are ``{"error": "..."}`` with Ollama's status codes;
+names and digests are validated before anything touches a path. Inference routes are
+proxied (node/proxy.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from node.hooks import HookError
+from node.http import (
+    HTTPError,
+    Request,
+    Response,
+    Router,
+    json_response,
+    ndjson_response,
+)
+from node.ollama_create import create_model_events, plan_create
+from node.pull import PullError
+from storage.cas import BlobMismatchError
+from storage.fsutil import StoreFullError, temp_path_for
+from storage.gguf import GGUFError, details, model_info
+from storage.names import InvalidName, ModelName, parse_digest, parse_model_name
+from storage.store import ModelNotFound, ModelStore, StoreError
+
+if TYPE_CHECKING:
+    from node.daemon import Node
+
+log = logging.getLogger("dmm.ollama")
+
+DMM_VERSION = "0.1.0"
+# Uploads are written in pieces this large, on a worker thread.
+UPLOAD_WRITE_SIZE = 4 << 20
+# A pre-hook's refusal: the request was understood and refused by local policy.
+HOOK_REFUSED = 403
+
+Events = AsyncIterator[dict[str, Any]]
+
+
+def rfc3339(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).astimezone().isoformat()
+
+
+def not_found(name: str) -> HTTPError:
+    return HTTPError(404, f"model '{name}' not found")
+
+
+def model_name(body: dict[str, Any], key: str = "model") -> tuple[str, ModelName]:
+    """The request's model name (``model``, or the older ``name``), validated."""
+    text = body.get(key) or (body.get("name") if key == "model" else None)
+    if not text:
+        raise HTTPError(400, f"{key} is required")
+    if not isinstance(text, str):
+        raise HTTPError(400, f"{key} must be a string")
+    try:
+        return text, parse_model_name(text)
+    except InvalidName as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def stream_wanted(body: dict[str, Any]) -> bool:
+    return body.get("stream", True) is not False
+
+
+# --- tags and show ------------------------------------------------------------------------
+
+
+def _tags(store: ModelStore) -> dict[str, Any]:
+    models: list[dict[str, Any]] = []
+    entries = sorted(store.list_models(), key=lambda e: e.modified, reverse=True)
+    for entry in entries:
+        try:
+            info = store.model_info(entry.name)
+            model_details = details(info) if info is not None else {}
+        except (GGUFError, OSError):
+            model_details = {}
+        models.append(
+            {
+                "name": entry.name.display,
+                "model": entry.name.display,
+                "modified_at": rfc3339(entry.modified),
+                "size": entry.size,
+                "digest": entry.digest[7:],
+                "details": {
+                    "parent_model": "",
+                    "format": model_details.get("format", "gguf"),
+                    "family": model_details.get("family", ""),
+                    "families": model_details.get("families"),
+                    "parameter_size": model_details.get("parameter_size", ""),
+                    "quantization_level": model_details.get("quantization_level", ""),
+                },
+            }
+        )
+    # Most recently modified first, as Ollama lists them.
+    return {"models": models}
+
+
+def _go_value(value: Any) -> str:
+    """A parameter value as Ollama's show prints it (Go's %#v of a JSON value)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str):
+        return json.dumps(value)
+    return str(value)
+
+
+def format_parameters(params_json: str | None) -> str:
+    """The ``parameters`` text of /api/show: one ``name value`` line per value, names padded."""
+    if not params_json:
+        return ""
+    try:
+        params = json.loads(params_json)
+    except ValueError:
+        return params_json
+    if not isinstance(params, dict):
+        return params_json
+    lines: list[str] = []
+    for key in sorted(params):
+        values = params[key] if isinstance(params[key], list) else [params[key]]
+        lines.extend(f"{key:<30} {_go_value(v)}" for v in values)
+    return "\n".join(lines)
+
+
+def _modelfile(store: ModelStore, name: ModelName, texts: dict[str, str | None]) -> str:
+    stored = store.get(name)
+    model = stored.manifest.layer_of_type("model")
+    lines = [
+        '# Modelfile generated by "ollama show"',
+        "# To build a new Modelfile based on this, replace FROM with:",
+        f"# FROM {name.display}",
+        "",
+        f"FROM {store.cas.path(model.digest) if model else name.display}",
+    ]
+    for layer in stored.manifest.layers:
+        if layer.media_type.endswith(".adapter"):
+            lines.append(f"ADAPTER {store.cas.path(layer.digest)}")
+    if texts["template"]:
+        lines.append(f'TEMPLATE """{texts["template"]}"""')
+    if texts["system"]:
+        lines.append(f'SYSTEM """{texts["system"]}"""')
+    for line in format_parameters(texts["params"]).splitlines():
+        lines.append("PARAMETER " + " ".join(line.split(None, 1)))
+    if texts["license"]:
+        lines.append(f'LICENSE """{texts["license"]}"""')
+    return "\n".join(lines) + "\n"
+
+
+def show_data(store: ModelStore, name: ModelName, verbose: bool = False) -> dict[str, Any]:
+    """Ollama's /api/show answer for ``name``; raises ModelNotFound."""
+    stored = store.get(name)
+    manifest = stored.manifest
+    info = store.model_info(name)
+    texts = {
+        kind: store.text_layer(manifest, kind)
+        for kind in ("template", "system", "params", "license", "messages")
+    }
+    out: dict[str, Any] = {}
+    if texts["license"]:
+        out["license"] = texts["license"]
+    out["modelfile"] = _modelfile(store, name, texts)
+    if parameters := format_parameters(texts["params"]):
+        out["parameters"] = parameters
+    if texts["template"]:
+        out["template"] = texts["template"]
+    if texts["system"]:
+        out["system"] = texts["system"]
+    out["details"] = details(info) if info is not None else {"parent_model": "", "format": ""}
+    if texts["messages"]:
+        with contextlib.suppress(ValueError):
+            out["messages"] = json.loads(texts["messages"])
+    out["model_info"] = model_info(info, verbose=verbose) if info is not None else {}
+    out["capabilities"] = ["completion"] if manifest.layer_of_type("model") else []
+    out["modified_at"] = rfc3339(stored.mtime)
+    return out
+
+
+# --- blobs --------------------------------------------------------------------------------
+
+
+def _blob_digest(request: Request) -> str:
+    try:
+        return parse_digest(request.params["digest"])
+    except InvalidName as exc:
+        raise HTTPError(400, f"invalid digest format: {exc}") from None
+
+
+async def _receive_upload(node: Node, request: Request, digest: str) -> bool:
+    """Stream the body into a temp file beside the blobs, then verify and rename it."""
+    store = node.store
+    tmp = temp_path_for(store.cas.path(digest))
+    f = await trio.to_thread.run_sync(open, tmp, "xb")
+    try:
+        try:
+            pending = bytearray()
+            async for piece in request.stream():
+                pending += piece
+                if len(pending) >= UPLOAD_WRITE_SIZE:
+                    data, pending = bytes(pending), bytearray()
+                    await trio.to_thread.run_sync(f.write, data)
+            await trio.to_thread.run_sync(f.write, bytes(pending))
+            await trio.to_thread.run_sync(f.flush)
+            # On disk before it gets its name: a crash must not leave a named, unwritten blob.
+            await trio.to_thread.run_sync(os.fsync, f.fileno())
+        finally:
+            await trio.to_thread.run_sync(f.close)
+        return await trio.to_thread.run_sync(store.adopt_upload, tmp, digest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --- routes -------------------------------------------------------------------------------
+
+
+def add_ollama_routes(router: Router, node: Node) -> None:
+    @router.route("GET", "/")
+    async def root(request: Request) -> Response:
+        # Ollama's clients probe "/" to see whether a server is up.
+        return Response(200, b"Ollama is running", "text/plain; charset=utf-8")
+
+    @router.route("GET", "/api/version")
+    async def version(request: Request) -> Response:
+        return json_response({"version": DMM_VERSION})
+
+    @router.route("GET", "/api/tags")
+    async def tags(request: Request) -> Response:
+        return json_response(await trio.to_thread.run_sync(_tags, node.store))
+
+    @router.route("POST", "/api/show")
+    async def show(request: Request) -> Response:
+        body = await request.json()
+        text, name = model_name(body)
+        try:
+            data = await trio.to_thread.run_sync(
+                show_data, node.store, name, body.get("verbose") is True
+            )
+        except ModelNotFound:
+            raise not_found(text) from None
+        return json_response(data)
+
+    @router.route("DELETE", "/api/delete")
+    async def delete(request: Request) -> Response:
+        body = await request.json()
+        text, name = model_name(body)
+        try:
+            await node.delete(name.full)
+        except ModelNotFound:
+            raise not_found(text) from None
+        except HookError as exc:
+            raise HTTPError(HOOK_REFUSED, str(exc)) from None
+        return Response(200, b"")
+
+    @router.route("POST", "/api/copy")
+    async def copy(request: Request) -> Response:
+        body = await request.json()
+        source, destination = body.get("source"), body.get("destination")
+        if not source or not destination:
+            raise HTTPError(400, "source and destination are required")
+        names = []
+        for label, value in (("source", source), ("destination", destination)):
+            try:
+                names.append(parse_model_name(value))
+            except InvalidName:
+                raise HTTPError(400, f"{label} {json.dumps(value)} is invalid") from None
+        try:
+            await trio.to_thread.run_sync(node.store.copy_model, names[0], names[1])
+        except ModelNotFound:
+            raise HTTPError(404, f"model {json.dumps(source)} not found") from None
+        log.info("model %s copied to %s", names[0].display, names[1].display)
+        await node.refresh()
+        return Response(200, b"")
+
+    @router.route("HEAD", "/api/blobs/{digest}")
+    async def head_blob(request: Request) -> Response:
+        digest = _blob_digest(request)
+        if node.store.cas.location(digest) != "file":
+            raise HTTPError(404, f"blob {json.dumps(digest)} not found")
+        return Response(200, b"")
+
+    @router.route("POST", "/api/blobs/{digest}")
+    async def upload_blob(request: Request) -> Response:
+        digest = _blob_digest(request)
+        if node.store.cas.location(digest) == "file":
+            return Response(200, b"")
+        try:
+            created = await _receive_upload(node, request, digest)
+        except BlobMismatchError as exc:
+            raise HTTPError(400, f"digest mismatch: {exc}") from None
+        except StoreFullError as exc:
+            raise HTTPError(507, str(exc)) from None
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise HTTPError(507, f"disk full while storing blob {digest}") from None
+            raise HTTPError(500, f"blob {digest} not stored: {exc.strerror or exc}") from None
+        if created:
+            log.info("blob %s uploaded", digest[:19])
+        return Response(201 if created else 200, b"")
+
+    @router.route("POST", "/api/create")
+    async def create(request: Request) -> Response:
+        body = await request.json()
+        _, name = model_name(body)
+        plan = await trio.to_thread.run_sync(plan_create, node.store, name, body)
+        events = create_model_events(node, plan)
+        return await _answer(events, stream_wanted(body))
+
+    @router.route("POST", "/api/pull")
+    async def pull(request: Request) -> Response:
+        body = await request.json()
+        _, name = model_name(body)
+        return await _answer(_events_of(node.pull, name.full), stream_wanted(body))
+
+    @router.route("POST", "/api/push")
+    async def push(request: Request) -> Response:
+        body = await request.json()
+        text, name = model_name(body)
+        if await trio.to_thread.run_sync(node.store.layout.read, name) is None:
+            raise not_found(text)
+        return await _answer(_push_events(node, name), stream_wanted(body))
+
+
+Run = Callable[[str, Callable[[dict[str, Any]], Awaitable[None]]], Awaitable[object]]
+
+
+async def _events_of(run: Run, name: str) -> Events:
+    """The progress events ``run(name, emit)`` emits, as it runs. A failure raises HTTPError:
+    in a stream it becomes the last line (Ollama's in-band error), else the status."""
+    send, receive = trio.open_memory_channel[dict[str, Any]](64)
+    failure: HTTPError | None = None
+
+    async def runner() -> None:
+        nonlocal failure
+        async with send:
+            try:
+                await run(name, send.send)
+            except Exception as exc:
+                failure = _http_error(exc)
+                if failure is None:
+                    raise
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(runner)
+        async with receive:
+            async for event in receive:
+                yield event
+    if failure is not None:
+        raise failure
+
+
+def _http_error(exc: Exception) -> HTTPError | None:
+    if isinstance(exc, HookError):
+        return HTTPError(HOOK_REFUSED, str(exc))
+    if isinstance(exc, ModelNotFound):
+        return HTTPError(404, str(exc))
+    if isinstance(exc, PullError):
+        return HTTPError(404 if "no reachable peer" in str(exc) else 500, str(exc))
+    if isinstance(exc, StoreError | OSError):
+        return HTTPError(500, str(exc))
+    return None
+
+
+async def _push_events(node: Node, name: ModelName) -> Events:
+    """Ollama's push stream; the layers are already here, publishing is what pushing means."""
+    yield {"status": "retrieving manifest"}
+    stored = await trio.to_thread.run_sync(node.store.get, name)
+    for layer in stored.manifest.all_layers():
+        yield {
+            "status": f"pushing {layer.digest[7:19]}",
+            "digest": layer.digest,
+            "total": layer.size,
+            "completed": layer.size,
+        }
+    yield {"status": "pushing manifest"}
+    try:
+        result = await node.push(name.full)
+    except Exception as exc:
+        failure = _http_error(exc)
+        if failure is None:
+            raise
+        raise failure from None
+    yield {"status": "success", "version": result["version"]}
+
+
+async def _answer(events: Events, stream: bool) -> Response:
+    """Stream ``events`` as NDJSON, or (``stream: false``) answer once with the last event;
+    a failure then answers with its own status."""
+    if stream:
+        return ndjson_response(events)
+    last: dict[str, Any] = {}
+    async for event in events:
+        last = event
+    return json_response(last)
+
+
+__all__ = ["DMM_VERSION", "add_ollama_routes", "format_parameters", "rfc3339", "show_data"]
