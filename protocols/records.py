@@ -96,6 +96,10 @@ MAX_LISTEN_ADDRS = 8
 MAX_LISTEN_ADDR_LENGTH = 256
 
 VERSION_KEY_PREFIX = "/dmm/version/"
+# DHT peers serve value keys of at most this many bytes. A longer name is keyed by its
+# sha256 instead ("/dmm/version/#<hex>"): '#' never occurs in a model name.
+MAX_VERSION_KEY_BYTES = 128
+_HASHED_MARK = "#"
 
 _SIGNATURE_DOMAIN = b"dmm/version-record/1\x00"
 _RECORD_KEYS = ("v", "m", "t", "d", "s", "p", "h", "a", "k", "sig")
@@ -453,7 +457,14 @@ def version_key(model: str, tag: str) -> str:
         check_model(model, tag)
     except Invalid as exc:
         raise LocalProtocolError(str(exc)) from None
-    return f"{VERSION_KEY_PREFIX}{model}:{tag}"
+    key = f"{VERSION_KEY_PREFIX}{model}:{tag}"
+    if len(key.encode()) <= MAX_VERSION_KEY_BYTES:
+        return key
+    return f"{VERSION_KEY_PREFIX}{_HASHED_MARK}{_name_hash(model, tag)}"
+
+
+def _name_hash(model: str, tag: str) -> str:
+    return hashlib.sha256(f"{model}:{tag}".encode()).hexdigest()
 
 
 def validate_record_key(key: str, value: bytes) -> VersionRecord:
@@ -464,6 +475,11 @@ def validate_record_key(key: str, value: bytes) -> VersionRecord:
     if type(key) is not str or not key.startswith(VERSION_KEY_PREFIX):
         raise RemoteProtocolError(f"not a {VERSION_KEY_PREFIX} key")
     name = key[len(VERSION_KEY_PREFIX) :]
+    if name.startswith(_HASHED_MARK):
+        record = VersionRecord.decode(value)
+        if key != version_key(record.model, record.tag):
+            raise RemoteProtocolError(f"record for {record.name} stored under the key {key}")
+        return record
     model, sep, tag = name.rpartition(":")
     try:
         if not sep:

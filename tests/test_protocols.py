@@ -63,6 +63,7 @@ from protocols.records import (
     MAX_ANNOUNCED_RECORDS,
     MAX_LISTEN_ADDRS,
     MAX_PARENTS,
+    MAX_VERSION_KEY_BYTES,
     Announcement,
     HybridClock,
     VersionRecord,
@@ -547,6 +548,22 @@ def test_dht_key_validation() -> None:
             validate_record_key(bad_key, record.encode())
     with pytest.raises(LocalProtocolError):
         version_key("../x", "latest")
+
+
+def test_long_names_get_a_hashed_version_key_that_still_validates() -> None:
+    long_model = "registry.ollama.ai/" + "n" * 60 + "/" + "m" * 60
+    record = make_record(model=long_model)
+    key = version_key(long_model, "latest")
+    assert key.startswith("/dmm/version/#") and len(key.encode()) <= MAX_VERSION_KEY_BYTES
+    assert validate_record_key(key, record.encode()) == record
+    # Another record (a different tag) cannot sit under that hashed key.
+    other = make_record(model=long_model, tag="other")
+    with pytest.raises(RemoteProtocolError, match="stored under"):
+        validate_record_key(key, other.encode())
+    with pytest.raises(RemoteProtocolError):
+        validate_record_key("/dmm/version/#" + "0" * 64, b"junk")
+    # Names that fit keep the readable key.
+    assert version_key(LLAMA, "latest").endswith(":latest")
 
 
 # ------------------------------------------------------------ catalog messages
