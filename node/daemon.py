@@ -12,7 +12,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -273,6 +273,13 @@ class Node:
             log.warning("followed model %s not pulled: %s", full_name, exc)
         finally:
             self._pulling.discard(full_name)
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the node's nursery: work that must outlive the request
+        that started it (a blob fetch several HTTP requests wait on)."""
+        if self._nursery is None:
+            raise RuntimeError("the node is not running")
+        self._nursery.start_soon(fn, *args)
 
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
         return await pull_model(self, name, emit)
