@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node import registry_api
 from node.http import HTTPError, Request, Response, Router, json_response, ndjson_response
 from node.pull import PullError
 from storage.gguf import GGUFError, details
@@ -149,4 +150,5 @@ def build_router(node: Node) -> Router:
     async def refresh(request: Request) -> Response:
         return json_response(await node.refresh())
 
+    registry_api.add_routes(router, node)  # OCI /v2/ for `ollama pull --insecure`
     return router

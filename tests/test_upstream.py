@@ -1,0 +1,211 @@
+"""Upstream registry fallback against a real OCI registry (docker-registry, run locally):
+a model no peer has is pulled from the registry, published to the swarm, resumed after
+an interruption without fetching its bytes twice, and refused when the bytes are wrong."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from node.daemon import Node, open_node
+from node.pull import PullError
+from node.testing import node_config
+from node.upstream import MIN_PART, PARTS, pull_upstream
+from storage.download import download_paths
+from storage.manifest import MODEL_MEDIA_TYPE, Manifest
+from storage.names import parse_model_name
+from tests.conftest import MakeModel
+from tests.oci_registry import OciRegistry
+
+MiB = 1024 * 1024
+STALL_AFTER = 3 * MiB  # a whole number of the pull's 1 MiB pieces
+
+
+def _model_layer(manifest: Manifest) -> Any:
+    layer = manifest.layer_of_type(MODEL_MEDIA_TYPE)
+    assert layer is not None
+    return layer
+
+
+async def _collect(node: Node, name: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    events: list[dict[str, Any]] = []
+
+    async def keep(event: dict[str, Any]) -> None:
+        events.append(event)
+
+    with trio.fail_after(60):
+        result = await node.pull(name, keep)
+    return result, events
+
+
+async def test_a_model_no_peer_has_comes_from_the_registry_and_joins_the_swarm(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    manifest = oci_registry.push_model(
+        make_model("fallback.gguf", size=12 * MiB, seed=21), "library/fallback", "v1"
+    )
+    config = node_config(tmp_path, "a", upstream_registry=oci_registry.url)
+    async with open_node(config) as a:
+        result, events = await _collect(a, "fallback:v1")
+        assert result["registry"] == oci_registry.url
+        assert result["bytes_fetched"] == manifest.total_size
+        statuses = [e["status"] for e in events]
+        assert statuses[0] == "pulling manifest"
+        assert statuses[-3:] == ["verifying sha256 digest", "writing manifest", "success"]
+        for layer in manifest.all_layers():
+            mine = [e for e in events if e.get("digest") == layer.digest]
+            assert mine and mine[-1]["completed"] == mine[-1]["total"] == layer.size
+        assert a.store.verify("fallback:v1").ok
+        async with httpx.AsyncClient(base_url=a.api_urls[0], timeout=30) as client:
+            tags = (await client.get("/api/tags")).json()
+        assert [m["name"] for m in tags["models"]] == ["fallback:v1"]
+        # Published: a second node finds it on A, and pulls it from A, not the registry.
+        b_config = node_config(tmp_path, "b", [a.host.listen_addrs[0]])
+        async with open_node(b_config) as b:
+            with trio.fail_after(30):
+                while not (found := await b.find("fallback*", timeout=5))["models"]:
+                    await trio.sleep(0.2)
+            assert found["models"][0]["peers"] == [a.peer_id]
+            from_swarm, _ = await _collect(b, "fallback:v1")
+            assert from_swarm["peers"] == [a.peer_id] and "registry" not in from_swarm
+
+
+async def test_unknown_model_and_no_registry_say_what_happened(
+    tmp_path: Path, oci_registry: OciRegistry
+) -> None:
+    with_registry = node_config(tmp_path, "a", upstream_registry=oci_registry.url)
+    async with open_node(with_registry) as a:
+        with pytest.raises(PullError, match="no reachable peer has nowhere:v1, and http://"):
+            await _collect(a, "nowhere:v1")
+    async with open_node(node_config(tmp_path, "b")) as b:
+        with pytest.raises(PullError, match=r"no \[api\] upstream_registry is set"):
+            await _collect(b, "nowhere:v1")
+    unreachable = node_config(tmp_path, "c", upstream_registry="http://127.0.0.1:9")
+    async with open_node(unreachable) as c:
+        with pytest.raises(PullError, match="could not be reached"):
+            await _collect(c, "nowhere:v1")
+
+
+class _Network(httpx.AsyncBaseTransport):
+    """The network between the node and the registry: real, but it can stall blob
+    responses after ``stall_after`` bytes, and it records what was asked and sent."""
+
+    def __init__(self, stall_after: int | None = None, stalls_expected: int = 0) -> None:
+        self.inner = httpx.AsyncHTTPTransport()
+        self.stall_after = stall_after
+        self.stalls_expected = stalls_expected
+        self.stalled = 0
+        self.all_stalled = trio.Event()
+        self.ranges: dict[str, list[str]] = {}  # blob digest -> Range headers asked
+        self.blob_bytes: dict[str, int] = {}
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        if "/blobs/" not in request.url.path:
+            return response
+        digest = request.url.path.rsplit("/", 1)[-1]
+        self.ranges.setdefault(digest, []).append(request.headers.get("Range", ""))
+        return httpx.Response(
+            response.status_code,
+            headers=response.headers,
+            stream=_Body(self, digest, response),
+            extensions=response.extensions,
+        )
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+class _Body(httpx.AsyncByteStream):
+    def __init__(self, network: _Network, digest: str, response: httpx.Response) -> None:
+        self.network = network
+        self.digest = digest
+        self.response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        sent = 0
+        limit = self.network.stall_after
+        async for piece in self.response.aiter_raw():
+            if limit is not None and sent + len(piece) >= limit:
+                piece = piece[: limit - sent]
+            sent += len(piece)
+            bytes_of = self.network.blob_bytes
+            bytes_of[self.digest] = bytes_of.get(self.digest, 0) + len(piece)
+            yield piece
+            if limit is not None and sent >= limit:
+                self.network.stalled += 1
+                if self.network.stalled == self.network.stalls_expected:
+                    self.network.all_stalled.set()
+                await trio.sleep_forever()
+
+    async def aclose(self) -> None:
+        await self.response.aclose()
+
+
+async def test_an_interrupted_pull_resumes_without_fetching_bytes_twice(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    manifest = oci_registry.push_model(
+        make_model("resume.gguf", size=40 * MiB, seed=22), "library/resume", "v1"
+    )
+    layer = _model_layer(manifest)
+    part_size = max(MIN_PART, math.ceil(layer.size / PARTS))
+    parts = math.ceil(layer.size / part_size)
+    assert parts == PARTS
+    name = parse_model_name("resume:v1")
+    config = node_config(tmp_path, "a", upstream_registry=oci_registry.url)
+
+    async def quiet(event: dict[str, Any]) -> None:
+        pass
+
+    stalling = _Network(stall_after=STALL_AFTER, stalls_expected=parts)
+    async with open_node(config) as a:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(
+                    lambda: pull_upstream(a, name, quiet, no_peer="", transport=stalling)
+                )
+                await stalling.all_stalled.wait()
+                nursery.cancel_scope.cancel()
+        data, progress = download_paths(a.store.cas, layer.digest)
+        assert data.exists() and progress.exists()
+        assert not a.store.cas.has(layer.digest)
+        assert a.store.layout.read(name) is None
+    # The node restarts; the pull asks only for what is not on disk yet.
+    counting = _Network()
+    async with open_node(config) as a:
+        with trio.fail_after(60):
+            result = await pull_upstream(a, name, quiet, no_peer="", transport=counting)
+        assert result["bytes_resumed"] == parts * STALL_AFTER
+        asked = counting.ranges[layer.digest]
+        starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in asked)
+        assert starts == [i * part_size + STALL_AFTER for i in range(parts)]
+        assert counting.blob_bytes[layer.digest] == layer.size - parts * STALL_AFTER
+        assert manifest.config.digest not in counting.ranges  # fetched before the stall
+        assert a.store.verify("resume:v1").ok
+        assert not data.exists() and not progress.exists()
+
+
+async def test_wrong_bytes_from_the_registry_are_refused_and_nothing_is_placed(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    manifest = oci_registry.push_model(
+        make_model("corrupt.gguf", size=3 * MiB, seed=23), "library/corrupt", "v1"
+    )
+    layer = _model_layer(manifest)
+    stored = oci_registry.blob_file(layer.digest)
+    raw = bytearray(stored.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # same size, one byte off: only the sha256 can tell
+    stored.write_bytes(bytes(raw))
+    async with open_node(node_config(tmp_path, "a", upstream_registry=oci_registry.url)) as a:
+        with pytest.raises(PullError, match=f"blob {layer.digest}: the registry sent bytes"):
+            await _collect(a, "corrupt:v1")
+        assert not a.store.cas.has(layer.digest)
+        assert a.store.layout.read(parse_model_name("corrupt:v1")) is None
+        assert [p.name for p in a.store.cas.blobs_dir.iterdir() if ".download" in p.name] == []
