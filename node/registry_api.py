@@ -314,7 +314,9 @@ class RegistryApi:
                 try:
                     with plain_pull_errors():
                         await fetch_layer(self.node, pending.name, layer, pending.serving, quiet)
-                except PartialBusy:
+                except BaseExceptionGroup as group:
+                    if group.split(PartialBusy)[1] is not None:
+                        raise
                     # Another pull (/api/pull) is fetching it: wait for its result.
                     await trio.sleep(BUSY_POLL)
             log.info("registry: blob %s of %s fetched from the swarm", digest, pending.name.display)
@@ -333,8 +335,9 @@ class RegistryApi:
             for digest, p in self._pending.items()
             if all(cas.location(d) == "file" for d in p.manifest.blob_digests())
         ]
-        for digest, pending in complete:
+        for digest, _ in complete:  # before any await, so no other task writes them too
             self._pending.pop(digest, None)
+        for _, pending in complete:
             await trio.to_thread.run_sync(
                 write_manifest, self.node, pending.name, pending.raw, pending.manifest
             )
