@@ -5,8 +5,9 @@ What the Ollama client does, and what answers it here:
 1. ``GET /v2/<ns>/<model>/manifests/<tag>`` — the manifest bytes as stored (by tag or by
    digest), with ``Docker-Content-Digest`` and the manifest's own media type. A model
    not in the store is looked up in the swarm (holders, newest version, manifest, as
-   ``node/pull.py`` does) and served from there; its blobs are fetched as the client
-   asks for them.
+   ``node/pull.py`` does) and served from there — or, when no peer has it, from the
+   upstream registry (``node/upstream.py``); its blobs are fetched as the client asks
+   for them.
 2. ``HEAD /v2/<ns>/<model>/blobs/<digest>`` — the size, as ``Content-Length``.
 3. ``GET`` of the blob without ``Range`` — a 307 to ``?direct=1`` (the client takes the
    redirect's ``Location`` as the URL to download from). ``GET ?direct=1`` without
@@ -14,7 +15,7 @@ What the Ollama client does, and what answers it here:
    redirect and want one there), then sends the whole blob.
 4. Ranged ``GET``s (``Range: bytes=a-b``) in parallel — 206 with ``Content-Range``, read
    from the file a piece at a time in a worker thread, never the whole blob in memory.
-   A blob not here yet is fetched from the swarm first: every request for it waits on
+   A blob not here yet is fetched (swarm or upstream) first: every request for it waits on
    one shared fetch, run in the node's nursery so a client that hangs up does not
    cancel it. Once every blob of a manifest served from the swarm is here, the manifest
    is written and the node publishes the model.
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node import upstream
 from node.http import Handler, Request, Response, Router
 from node.pull import (
     PullError,
@@ -113,12 +115,17 @@ def parse_range(header: str, size: int) -> tuple[int, int]:
 
 @dataclass(slots=True)
 class _Pending:
-    """A manifest served from the swarm; written locally once all its blobs are here."""
+    """A manifest served from elsewhere; written locally once all its blobs are here.
+
+    Its blobs come from ``serving`` peers, or from the upstream ``registry`` when no
+    peer had the model.
+    """
 
     name: ModelName
     raw: bytes
     manifest: Manifest
     serving: list[str]
+    registry: str | None = None
 
 
 @dataclass(slots=True)
@@ -196,28 +203,42 @@ class RegistryApi:
         holders = await find_holders(self.node, name)
         try:
             record, serving = await newest_record(self.node, name, holders)
+        except PullError as exc:
+            return self._remember(await self._from_upstream(name, str(exc)))
+        try:
             raw, manifest = await fetch_manifest(self.node, record.manifest_digest, serving)
         except PullError as exc:
-            raise OCIError(
-                404, "MANIFEST_UNKNOWN", f"{name.display} is not in this node's store: {exc}"
-            ) from None
-        digest = _sha256(raw)
-        if digest != record.manifest_digest:
+            raise OCIError(502, "MANIFEST_UNKNOWN", str(exc)) from None
+        if _sha256(raw) != record.manifest_digest:
             raise OCIError(
                 502,
                 "MANIFEST_UNKNOWN",
-                f"peers sent a manifest hashing to {digest}, not {record.manifest_digest}",
+                f"peers sent a manifest hashing to {_sha256(raw)}, not {record.manifest_digest}",
             )
-        pending = _Pending(name, raw, manifest, serving)
+        return self._remember(_Pending(name, raw, manifest, serving))
+
+    async def _from_upstream(self, name: ModelName, no_peer: str) -> _Pending:
+        base = upstream.registry_url(self.node, name)
+        if base is None:
+            raise OCIError(404, "MANIFEST_UNKNOWN", f"{name.display} is not here: {no_peer}")
+        try:
+            async with upstream.open_client() as client:
+                raw, manifest = await upstream.fetch_manifest(client, base, name)
+        except PullError as exc:
+            raise OCIError(404, "MANIFEST_UNKNOWN", str(exc)) from None
+        return _Pending(name, raw, manifest, [], registry=base)
+
+    def _remember(self, pending: _Pending) -> _Pending:
+        digest = _sha256(pending.raw)
         self._pending[digest] = pending
         self._pending.move_to_end(digest)
         while len(self._pending) > MAX_PENDING:
             self._pending.popitem(last=False)
         log.info(
-            "registry: %s served from the swarm (%s, %d holder(s))",
-            name.display,
+            "registry: %s served from %s (%s)",
+            pending.name.display,
+            pending.registry or f"the swarm ({len(pending.serving)} holder(s))",
             digest[:19],
-            len(serving),
         )
         return pending
 
@@ -313,16 +334,29 @@ class RegistryApi:
             while not self.node.store.cas.has(digest):
                 try:
                     with plain_pull_errors():
-                        await fetch_layer(self.node, pending.name, layer, pending.serving, quiet)
+                        if pending.registry is not None:
+                            async with upstream.open_client() as client:
+                                await upstream.download_blob(
+                                    self.node, client, pending.registry, pending.name, layer, quiet
+                                )
+                        else:
+                            await fetch_layer(
+                                self.node, pending.name, layer, pending.serving, quiet
+                            )
                 except BaseExceptionGroup as group:
                     if group.split(PartialBusy)[1] is not None:
                         raise
                     # Another pull (/api/pull) is fetching it: wait for its result.
                     await trio.sleep(BUSY_POLL)
-            log.info("registry: blob %s of %s fetched from the swarm", digest, pending.name.display)
+            log.info(
+                "registry: blob %s of %s fetched from %s",
+                digest,
+                pending.name.display,
+                pending.registry or "the swarm",
+            )
             await self._write_complete_manifests()
         except (PullError, OSError) as exc:
-            fetch.error = f"blob {digest} could not be fetched from the swarm: {exc}"
+            fetch.error = f"blob {digest} could not be fetched: {exc}"
             log.warning("registry: %s (model %s)", fetch.error, pending.name.display)
         finally:
             del self._fetches[digest]
@@ -341,7 +375,11 @@ class RegistryApi:
             await trio.to_thread.run_sync(
                 write_manifest, self.node, pending.name, pending.raw, pending.manifest
             )
-            log.info("registry: %s pulled through /v2/ from the swarm", pending.name.display)
+            log.info(
+                "registry: %s pulled through /v2/ from %s",
+                pending.name.display,
+                pending.registry or "the swarm",
+            )
         if complete:
             await self.node.refresh()
 

@@ -42,7 +42,14 @@ from storage.partial import PartialBusy
 if TYPE_CHECKING:
     from node.daemon import Node
 
-__all__ = ["PARTS", "pull_upstream", "registry_url"]
+__all__ = [
+    "PARTS",
+    "download_blob",
+    "fetch_manifest",
+    "open_client",
+    "pull_upstream",
+    "registry_url",
+]
 
 log = logging.getLogger("dmm.upstream")
 
@@ -98,13 +105,8 @@ async def pull_upstream(
     if base is None:
         raise PullError(f"{no_peer} (and no [api] upstream_registry is set)")
     started = trio.current_time()
-    async with httpx.AsyncClient(
-        transport=transport,
-        timeout=TIMEOUT,
-        follow_redirects=True,  # registry.ollama.ai sends blobs from a CDN
-        headers={"User-Agent": "dmm"},
-    ) as client:
-        raw, manifest = await _fetch_manifest(client, base, name)
+    async with open_client(transport) as client:
+        raw, manifest = await fetch_manifest(client, base, name)
         log.info(
             "pull %s: no peer has it; pulling %d bytes from %s",
             name.display,
@@ -116,7 +118,7 @@ async def pull_upstream(
             if node.store.cas.location(layer.digest) == "file":
                 await emit(layer_event(layer.digest, layer.size, layer.size, 0))
                 continue
-            got, had = await _download_blob(node, client, base, name, layer, emit)
+            got, had = await download_blob(node, client, base, name, layer, emit)
             fetched += got
             resumed += had
     await emit({"status": "verifying sha256 digest"})
@@ -144,9 +146,20 @@ async def pull_upstream(
     return summary
 
 
-async def _fetch_manifest(
+def open_client(transport: httpx.AsyncBaseTransport | None = None) -> httpx.AsyncClient:
+    """An HTTP client for registries; ``transport`` replaces the network (tests)."""
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=TIMEOUT,
+        follow_redirects=True,  # registry.ollama.ai sends blobs from a CDN
+        headers={"User-Agent": "dmm"},
+    )
+
+
+async def fetch_manifest(
     client: httpx.AsyncClient, base: str, name: ModelName
 ) -> tuple[bytes, Manifest]:
+    """``name``'s manifest from the registry at ``base``: raw bytes, parsed; or PullError."""
     url = f"{base}/v2/{name.namespace}/{name.model}/manifests/{name.tag}"
     what = f"{name.display} is on no reachable peer"
     try:
@@ -178,7 +191,7 @@ async def _fetch_manifest(
         raise PullError(f"{base} sent an unusable manifest for {name.display}: {exc}") from None
 
 
-async def _download_blob(
+async def download_blob(
     node: Node,
     client: httpx.AsyncClient,
     base: str,

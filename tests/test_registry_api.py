@@ -33,7 +33,7 @@ async def _add(node: Node, make_model: MakeModel, name: str, size: int, seed: in
     await node.refresh()
 
 
-async def _ollama_download(client: httpx.AsyncClient, repo: str, layer: dict[str, Any]) -> bytes:
+async def ollama_download(client: httpx.AsyncClient, repo: str, layer: dict[str, Any]) -> bytes:
     """One blob as the Ollama client downloads it (server/download.go)."""
     url = f"/v2/{repo}/blobs/{layer['digest']}"
     head = await client.head(url)
@@ -90,7 +90,7 @@ async def test_the_oci_flow_as_the_ollama_client_performs_it(
                 assert by_digest.content == stored.raw
                 manifest = r.json()
                 for layer in [manifest["config"], *manifest["layers"]]:
-                    data = await _ollama_download(client, "library/served", layer)
+                    data = await ollama_download(client, "library/served", layer)
                     assert data == node.store.cas.path(layer["digest"]).read_bytes()
                 # An older client follows the redirect and wants a Location there.
                 model = manifest["layers"][0]
@@ -197,7 +197,7 @@ async def test_a_model_only_on_a_is_pulled_through_b_from_the_swarm(
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(get_whole)
                     for layer in [manifest["config"], *manifest["layers"]]:
-                        nursery.start_soon(_ollama_download, client, "library/remote", layer)
+                        nursery.start_soon(ollama_download, client, "library/remote", layer)
                 assert hashlib.sha256(whole[0]).hexdigest() == model["digest"][7:]
                 # Every blob is on B now: B wrote the manifest and holds the model.
                 while b.store.layout.read(name) is None:

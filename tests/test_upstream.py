@@ -4,6 +4,7 @@ an interruption without fetching its bytes twice, and refused when the bytes are
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,6 +23,7 @@ from storage.manifest import MODEL_MEDIA_TYPE, Manifest
 from storage.names import parse_model_name
 from tests.conftest import MakeModel
 from tests.oci_registry import OciRegistry
+from tests.test_registry_api import ollama_download
 
 MiB = 1024 * 1024
 STALL_AFTER = 3 * MiB  # a whole number of the pull's 1 MiB pieces
@@ -209,3 +211,28 @@ async def test_wrong_bytes_from_the_registry_are_refused_and_nothing_is_placed(
         assert not a.store.cas.has(layer.digest)
         assert a.store.layout.read(parse_model_name("corrupt:v1")) is None
         assert [p.name for p in a.store.cas.blobs_dir.iterdir() if ".download" in p.name] == []
+
+
+async def test_ollama_pulling_through_the_node_gets_what_no_peer_has_from_the_registry(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    manifest = oci_registry.push_model(
+        make_model("proxied.gguf", size=10 * MiB, seed=24), "library/proxied", "v1"
+    )
+    async with open_node(node_config(tmp_path, "a", upstream_registry=oci_registry.url)) as a:
+        async with httpx.AsyncClient(base_url=a.api_urls[0], timeout=60) as client:
+            with trio.fail_after(60):
+                r = await client.get("/v2/library/proxied/manifests/v1")
+                assert r.status_code == 200, r.text
+                assert r.json() == json.loads(manifest.to_bytes())
+                async with trio.open_nursery() as nursery:
+                    for layer in r.json()["layers"] + [r.json()["config"]]:
+                        nursery.start_soon(ollama_download, client, "library/proxied", layer)
+                name = parse_model_name("proxied:v1")
+                while a.store.layout.read(name) is None:  # written after the last blob
+                    await trio.sleep(0.05)
+                missing = await client.get("/v2/library/nowhere/manifests/v1")
+                assert missing.status_code == 404
+                [error] = missing.json()["errors"]
+                assert error["code"] == "MANIFEST_UNKNOWN" and oci_registry.url in error["message"]
+        assert a.store.verify("proxied:v1").ok
