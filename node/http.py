@@ -37,6 +37,10 @@ class HTTPError(Exception):
         self.message = message
 
 
+class ClientGone(Exception):
+    """Raised by a streamed body when its client has hung up: the response just stops."""
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -68,6 +72,11 @@ class Request:
                 yield piece
             if not message.get("more_body", False):
                 return
+
+    async def wait_disconnected(self) -> None:
+        """Return once the client has gone. Only after the body was read (it reads on)."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
 
     async def json(self) -> dict[str, Any]:
         raw = await self.body()
@@ -203,6 +212,8 @@ async def _send_response(send: Send, response: Response, *, head: bool) -> None:
         # Headers are gone already: report in-band, as Ollama does in a stream.
         line = json.dumps({"error": exc.message}).encode() + b"\n"
         await send({"type": "http.response.body", "body": line, "more_body": True})
+    except ClientGone:
+        return  # nobody to finish the response for
     await send({"type": "http.response.body", "body": b""})
 
 

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node import upstream
-from node.http import Handler, Request, Response, Router
+from node.http import ClientGone, Handler, Request, Response, Router
 from node.pull import (
     PullError,
     fetch_layer,
@@ -132,6 +132,19 @@ class _Pending:
 class _Fetch:
     done: trio.Event = field(default_factory=trio.Event)
     error: str | None = None
+
+
+@dataclass(eq=False, slots=True)
+class _Watcher:
+    """Notes when a response's client hangs up; cancelled when the response ends."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    gone: bool = False
+
+    async def run(self, request: Request) -> None:
+        with self.scope:
+            await request.wait_disconnected()
+            self.gone = True
 
 
 class RegistryApi:
@@ -281,7 +294,7 @@ class RegistryApi:
                 200,
                 content_type=octets,
                 headers=[*headers, ("Location", here), _length(size)],
-                stream=self._body(digest, 0, size, wait=True),
+                stream=self._body(request, digest, 0, size, wait=True),
             )
         try:
             start, end = parse_range(range_header, size)
@@ -297,19 +310,36 @@ class RegistryApi:
                 ("Content-Range", f"bytes {start}-{end - 1}/{size}"),
                 _length(end - start),
             ],
-            stream=self._body(digest, start, end, wait=False),
+            stream=self._body(request, digest, start, end, wait=False),
         )
 
-    async def _body(self, digest: str, start: int, end: int, *, wait: bool) -> AsyncIterator[bytes]:
-        if wait:
-            # Headers are sent: a failure now can only cut the connection short.
-            await self._ensure(digest)
-        read = self.node.store.cas.read_range
-        offset = start
-        while offset < end:
-            n = min(PIECE, end - offset)
-            yield await trio.to_thread.run_sync(read, digest, offset, n)
-            offset += n
+    async def _body(
+        self, request: Request, digest: str, start: int, end: int, *, wait: bool
+    ) -> AsyncIterator[bytes]:
+        # The server goes on taking pieces after the client hung up (the Ollama client
+        # hangs up on the whole-blob GET at once): stop reading the disk when it has.
+        watcher = _Watcher()
+        self.node.start_soon(watcher.run, request)
+        try:
+            if wait:
+                # Headers are sent: a failure now can only cut the connection short.
+                await self._ensure(digest)
+            read = self.node.store.cas.read_range
+            offset = start
+            while offset < end:
+                if watcher.gone:
+                    log.info(
+                        "registry: client left blob %s after %d of %d bytes",
+                        digest,
+                        offset - start,
+                        end - start,
+                    )
+                    raise ClientGone
+                n = min(PIECE, end - offset)
+                yield await trio.to_thread.run_sync(read, digest, offset, n)
+                offset += n
+        finally:
+            watcher.scope.cancel()
 
     async def _ensure(self, digest: str) -> None:
         """Return once ``digest`` is in the store, starting or joining its swarm fetch."""

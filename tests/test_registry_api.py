@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -204,3 +205,30 @@ async def test_a_model_only_on_a_is_pulled_through_b_from_the_swarm(
                     await trio.sleep(0.05)
         assert b.store.get("remote:v1").raw == source.raw
         assert b.store.verify("remote:v1").ok
+
+
+async def test_a_client_that_hangs_up_stops_the_blob_being_read(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The Ollama client closes the whole-blob GET as soon as it has the headers; the node
+    must not go on reading the blob from disk for nobody."""
+    caplog.set_level(logging.INFO, logger="dmm.registry")
+    async with open_node(node_config(tmp_path, "solo")) as node:
+        await _add(node, make_model, "big:v1", 32 * MiB)
+        layer = node.store.get("big:v1").manifest.layers[0]
+        host, port = node.api_urls[0].removeprefix("http://").rsplit(":", 1)
+        with trio.fail_after(30):
+            stream = await trio.open_tcp_stream(host, int(port))
+            request = (
+                f"GET /v2/library/big/blobs/{layer.digest}?direct=1 HTTP/1.1\r\nHost: x\r\n\r\n"
+            )
+            await stream.send_all(request.encode())
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += await stream.receive_some(65536)
+            assert head.startswith(b"HTTP/1.1 200")
+            await stream.aclose()
+            while not (left := [r for r in caplog.records if "client left" in r.message]):
+                await trio.sleep(0.05)  # no event to wait on: the node only logs it
+        sent = int(left[0].message.split(" after ")[1].split()[0])
+        assert sent < layer.size
