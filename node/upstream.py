@@ -59,6 +59,7 @@ MIN_PART = 8 * MiB
 # Bytes handed to the disk at a time, and how often progress is made durable.
 PIECE = 1 * MiB
 FLUSH_BYTES = 16 * MiB
+FLUSH_INTERVAL = 1.0  # seconds: a slow registry loses at most this much to a crash
 # Attempts per part (a dropped connection resumes where it stopped).
 MAX_TRIES = 4
 ACCEPT = ", ".join(
@@ -75,6 +76,7 @@ class _PartFailed(Exception):
 class _Counter:
     fetched: int = 0
     unflushed: int = 0
+    flushed_at: float = 0.0
 
 
 def registry_url(node: Node, name: ModelName) -> str | None:
@@ -209,7 +211,7 @@ async def download_blob(
         )
     except PartialBusy as exc:
         raise PullError(f"{exc}; try again when that pull ends") from None
-    counter = _Counter()
+    counter = _Counter(flushed_at=trio.current_time())
     resumed = download.resumed
     finished = trio.Event()
     try:
@@ -295,8 +297,9 @@ async def _request_range(
             offset += len(piece)
             counter.fetched += len(piece)
             counter.unflushed += len(piece)
-            if counter.unflushed >= FLUSH_BYTES:
-                counter.unflushed = 0
+            now = trio.current_time()
+            if counter.unflushed >= FLUSH_BYTES or now - counter.flushed_at >= FLUSH_INTERVAL:
+                counter.unflushed, counter.flushed_at = 0, now
                 await trio.to_thread.run_sync(download.flush)
             if offset >= end:
                 return offset
