@@ -28,6 +28,7 @@ import hashlib
 import os
 import struct
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,44 @@ def download_paths(cas: ContentAddressedStore, digest: str) -> tuple[Path, Path]
     """(data file, progress sidecar) of a blob being downloaded."""
     stem = _PREFIX + digest_hex(digest)
     return cas.blobs_dir / (stem + DATA_SUFFIX), cas.blobs_dir / (stem + PROGRESS_SUFFIX)
+
+
+def stale_downloads(cas: ContentAddressedStore, older_than: float) -> list[Path]:
+    """Download files (and sidecars) untouched for ``older_than`` seconds and not in use.
+
+    GC deletes these: a pull abandoned that long ago starts over when it is retried.
+    """
+    cutoff = time.time() - older_than
+    found: list[Path] = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(cas.blobs_dir):
+            name = entry.name
+            if not name.startswith(_PREFIX) or not name.endswith(
+                (DATA_SUFFIX, PROGRESS_SUFFIX, PROGRESS_SUFFIX + ".tmp")
+            ):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if entry.stat().st_mtime >= cutoff:
+                    continue
+                data = Path(entry.path[: entry.path.index(DATA_SUFFIX)] + DATA_SUFFIX)
+                if not _locked(data):
+                    found.append(Path(entry.path))
+    return sorted(found)
+
+
+def _locked(path: Path) -> bool:
+    """Whether a download holds ``path``'s flock right now."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def _encode(size: int, part_size: int, done: list[int]) -> bytes:
@@ -305,4 +344,11 @@ class RangedDownload:
         self.close()
 
 
-__all__ = ["DATA_SUFFIX", "PROGRESS_SUFFIX", "Part", "RangedDownload", "download_paths"]
+__all__ = [
+    "DATA_SUFFIX",
+    "PROGRESS_SUFFIX",
+    "Part",
+    "RangedDownload",
+    "download_paths",
+    "stale_downloads",
+]

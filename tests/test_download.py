@@ -148,3 +148,20 @@ def test_a_stale_sidecar_never_describes_a_new_file(cas: ContentAddressedStore) 
     download_paths(cas, digest)[1].write_bytes(saved)
     with RangedDownload.open(cas, digest, len(data), PART) as again:
         assert again.resumed == 0
+
+
+def test_gc_removes_abandoned_downloads_but_not_one_in_progress(tmp_path: Path) -> None:
+    from storage.store import ModelStore
+
+    with ModelStore(tmp_path / "models", tmp_path / "dmm.db", tmp_path / "cas") as store:
+        old_data, old_digest = _blob(PART, seed=2)
+        with RangedDownload.open(store.cas, old_digest, PART, PART) as abandoned:
+            _write_all(abandoned, old_data, upto=KiB)
+        data, digest = _blob(PART, seed=3)
+        with RangedDownload.open(store.cas, digest, PART, PART) as running:
+            _write_all(running, data, upto=KiB)
+            running.flush()
+            report = store.gc(older_than=-1)
+            assert sorted(report.temp_files) == sorted(download_paths(store.cas, old_digest))
+            assert all(p.exists() for p in download_paths(store.cas, digest))
+        assert not any(p.exists() for p in download_paths(store.cas, old_digest))
