@@ -178,7 +178,7 @@ class RegistryApi:
 
     async def manifest(self, request: Request) -> Response:
         repo, reference = request.params["repo"], request.params["reference"]
-        if reference.startswith("sha256"):
+        if ":" in reference:  # a digest; tags cannot hold a colon
             name = self._name(repo)
             digest = self._digest(reference)
             raw, manifest = await self._manifest_by_digest(name, digest)

@@ -21,8 +21,10 @@ from node.upstream import MIN_PART, PARTS, pull_upstream
 from storage.download import download_paths
 from storage.manifest import MODEL_MEDIA_TYPE, Manifest
 from storage.names import parse_model_name
-from tests.conftest import MakeModel
+from tests.conftest import MakeModel, dmm
 from tests.oci_registry import OciRegistry
+from tests.test_node_cli import RunningNode
+from tests.test_node_cli import _config as cli_config
 from tests.test_registry_api import ollama_download
 
 MiB = 1024 * 1024
@@ -236,3 +238,22 @@ async def test_ollama_pulling_through_the_node_gets_what_no_peer_has_from_the_re
                 [error] = missing.json()["errors"]
                 assert error["code"] == "MANIFEST_UNKNOWN" and oci_registry.url in error["message"]
         assert a.store.verify("proxied:v1").ok
+
+
+@pytest.mark.slow  # a node process and three dmm processes
+def test_dmm_pull_says_the_model_came_from_the_registry(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    oci_registry.push_model(make_model("cli.gguf", size=2 * MiB, seed=25), "library/from-cli", "v1")
+    config = cli_config(tmp_path, "solo")
+    # [api] is the file's last table: the registry goes into it.
+    config.write_text(config.read_text() + f'upstream_registry = "{oci_registry.url}"\n')
+    node = RunningNode(config)
+    try:
+        pulled = dmm(config, "pull", "from-cli:v1").stdout
+        assert f"fetched from {oci_registry.url} (no peer had it)" in pulled
+        assert "from-cli:v1" in dmm(config, "ls").stdout
+        missing = dmm(config, "pull", "nowhere:v1", check=1)
+        assert f"no reachable peer has nowhere:v1, and {oci_registry.url}" in missing.stderr
+    finally:
+        node.stop()
