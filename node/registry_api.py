@@ -360,6 +360,7 @@ class RegistryApi:
         async def quiet(event: dict[str, Any]) -> None:
             pass
 
+        waited = False
         try:
             while not self.node.store.cas.has(digest):
                 try:
@@ -377,6 +378,9 @@ class RegistryApi:
                     if group.split(PartialBusy)[1] is not None:
                         raise
                     # Another pull (/api/pull) is fetching it: wait for its result.
+                    if not waited:
+                        log.info("registry: blob %s is being fetched by another pull", digest)
+                        waited = True
                     await trio.sleep(BUSY_POLL)
             log.info(
                 "registry: blob %s of %s fetched from %s",

@@ -20,6 +20,7 @@ from node.registry_api import BadRange, parse_range
 from node.testing import node_config, open_swarm
 from storage.manifest import MANIFEST_MEDIA_TYPE
 from storage.names import parse_model_name
+from storage.partial import PartialBlob
 from tests.conftest import MakeModel
 
 MiB = 1024 * 1024
@@ -166,6 +167,7 @@ def test_parse_range_refuses(header: str) -> None:
         parse_range(header, 100)
 
 
+@pytest.mark.slow  # two nodes and a swarm fetch
 async def test_a_model_only_on_a_is_pulled_through_b_from_the_swarm(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -232,3 +234,44 @@ async def test_a_client_that_hangs_up_stops_the_blob_being_read(
                 await trio.sleep(0.05)  # no event to wait on: the node only logs it
         sent = int(left[0].message.split(" after ")[1].split()[0])
         assert sent < layer.size
+
+
+@pytest.mark.slow  # the failed fetch asks the DHT for other holders first
+async def test_a_blob_another_pull_holds_is_waited_for_and_a_failed_fetch_is_an_oci_error(
+    tmp_path: Path, make_model: MakeModel, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="dmm.registry")
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await _add(a, make_model, "held:v1", 3 * MiB, seed=5)
+        await _add(a, make_model, "lost:v1", 2 * MiB, seed=6)
+        held = a.store.get("held:v1").manifest.layers[0]
+        lost = a.store.get("lost:v1").manifest.layers[0]
+        async with httpx.AsyncClient(base_url=b.api_urls[0], timeout=60) as client:
+            with trio.fail_after(90):
+                for repo in ("held", "lost"):
+                    r = await client.get(f"/v2/library/{repo}/manifests/v1")
+                    assert r.status_code == 200, r.text
+                # Another fetch (as /api/pull would) holds the blob's partial on B.
+                chunks = a.store.db.blob_chunks(held.digest)
+                other = PartialBlob.open(b.store.cas, held.digest, held.size, chunks)
+                got: list[httpx.Response] = []
+
+                async def get_held() -> None:
+                    url = f"/v2/library/held/blobs/{held.digest}"
+                    got.append(await client.get(url, headers={"Range": "bytes=0-99"}))
+
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(get_held)
+                    while not any("another pull" in r.message for r in caplog.records):
+                        await trio.sleep(0.05)  # no event to wait on: the node only logs it
+                    assert not got  # the GET waits for that fetch
+                    other.close()  # that fetch gives up; ours takes over
+                assert got[0].status_code == 206 and len(got[0].content) == 100
+                # A blob its only holder lost: the fetch fails, the client is told.
+                a.store.cas.delete(lost.digest)
+                url = f"/v2/library/lost/blobs/{lost.digest}"
+                r = await client.get(url, headers={"Range": "bytes=0-9"})
+                assert r.status_code == 502
+                [error] = r.json()["errors"]
+                assert error["code"] == "BLOB_UNKNOWN" and lost.digest in error["message"]
+                assert not b.store.cas.has(lost.digest)

@@ -48,6 +48,7 @@ async def _collect(node: Node, name: str) -> tuple[dict[str, Any], list[dict[str
     return result, events
 
 
+@pytest.mark.slow  # a second node joins, finds and pulls
 async def test_a_model_no_peer_has_comes_from_the_registry_and_joins_the_swarm(
     tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
 ) -> None:
