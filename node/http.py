@@ -38,7 +38,8 @@ class HTTPError(Exception):
 
 
 class ClientGone(Exception):
-    """Raised by a streamed body when its client has hung up: the response just stops."""
+    """Raised by a streamed body to stop the response where it is: its client hung up, or
+    the rest cannot be sent (the client sees a body cut short, never a false end)."""
 
 
 @dataclass(slots=True)

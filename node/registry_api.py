@@ -322,8 +322,12 @@ class RegistryApi:
         self.node.start_soon(watcher.run, request)
         try:
             if wait:
-                # Headers are sent: a failure now can only cut the connection short.
-                await self._ensure(digest)
+                try:
+                    await self._ensure(digest)
+                except OCIError as exc:
+                    # The headers are sent: all that is left is to cut the body short.
+                    log.warning("registry: blob %s not sent: %s", digest, exc.message)
+                    raise ClientGone from None
             read = self.node.store.cas.read_range
             offset = start
             while offset < end:
