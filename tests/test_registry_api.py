@@ -16,6 +16,7 @@ import pytest
 import trio
 
 from node.daemon import Node, open_node
+from node.pull import PullError
 from node.registry_api import BadRange, parse_range
 from node.testing import node_config, open_swarm
 from storage.manifest import MANIFEST_MEDIA_TYPE
@@ -279,3 +280,24 @@ async def test_a_blob_another_pull_holds_is_waited_for_and_a_failed_fetch_is_an_
                 with pytest.raises(httpx.RemoteProtocolError):
                     await client.get(f"{url}?direct=1")
                 assert (await client.get("/v2/")).status_code == 200  # the node is fine
+
+
+async def test_a_swarm_fetch_that_fails_midway_is_a_pull_error_not_a_group(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """fetch_layer's failure inside its nursery reaches callers (/api/pull, /v2/) as a
+    PullError; trio used to hand them an ExceptionGroup they did not catch."""
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await _add(a, make_model, "gone:v1", 2 * MiB, seed=7)
+        model = a.store.get("gone:v1").manifest.layers[0]
+        # A still lists the chunks, but the bytes it holds are no longer them.
+        path = a.store.cas.path(model.digest)
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+
+        async def quiet(event: dict[str, Any]) -> None:
+            pass
+
+        with trio.fail_after(90), pytest.raises(PullError, match="could not be fetched"):
+            await b.pull("gone:v1", quiet)
