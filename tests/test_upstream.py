@@ -17,12 +17,12 @@ import trio
 from node.daemon import Node, open_node
 from node.pull import PullError
 from node.testing import node_config
+from node.testregistry import OciRegistry
 from node.upstream import MIN_PART, PARTS, pull_upstream
 from storage.download import download_paths
 from storage.manifest import MODEL_MEDIA_TYPE, Manifest
 from storage.names import parse_model_name
 from tests.conftest import MakeModel, dmm
-from tests.oci_registry import OciRegistry
 from tests.test_node_cli import RunningNode
 from tests.test_node_cli import _config as cli_config
 from tests.test_registry_api import ollama_download
