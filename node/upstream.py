@@ -262,10 +262,12 @@ async def _download_part(
     part: Part,
     counter: _Counter,
 ) -> None:
-    offset, end = part.next_offset, part.end
+    end = part.end
     for attempt in range(1, MAX_TRIES + 1):
+        # A failed attempt keeps what it wrote: the next asks only for the rest.
+        offset = download.parts()[part.index].next_offset
         try:
-            offset = await _request_range(client, url, download, part.index, offset, end, counter)
+            await _request_range(client, url, download, part.index, offset, end, counter)
             return
         except (_PartFailed, httpx.TransportError) as exc:
             if attempt == MAX_TRIES:
@@ -285,8 +287,8 @@ async def _request_range(
     offset: int,
     end: int,
     counter: _Counter,
-) -> int:
-    """GET ``[offset, end)`` into part ``index``; return the offset reached (``end``)."""
+) -> None:
+    """GET ``[offset, end)`` into part ``index``; _PartFailed if the body ends early."""
     headers = {"Range": f"bytes={offset}-{end - 1}"}
     async with client.stream("GET", url, headers=headers) as resp:
         _check_range(resp, url, offset, download.size)
@@ -302,7 +304,7 @@ async def _request_range(
                 counter.unflushed, counter.flushed_at = 0, now
                 await trio.to_thread.run_sync(download.flush)
             if offset >= end:
-                return offset
+                return
     raise _PartFailed(f"the response ended at byte {offset}, before {end}")
 
 

@@ -101,9 +101,16 @@ class _Network(httpx.AsyncBaseTransport):
     """The network between the node and the registry: real, but it can stall blob
     responses after ``stall_after`` bytes, and it records what was asked and sent."""
 
-    def __init__(self, stall_after: int | None = None, stalls_expected: int = 0) -> None:
+    def __init__(
+        self,
+        stall_after: int | None = None,
+        stalls_expected: int = 0,
+        drop_starts: frozenset[int] = frozenset(),
+    ) -> None:
         self.inner = httpx.AsyncHTTPTransport()
         self.stall_after = stall_after
+        # Responses to ranges starting here are cut (a reset) at stall_after instead.
+        self.drop_starts = drop_starts
         self.stalls_expected = stalls_expected
         self.stalled = 0
         self.all_stalled = trio.Event()
@@ -116,10 +123,11 @@ class _Network(httpx.AsyncBaseTransport):
             return response
         digest = request.url.path.rsplit("/", 1)[-1]
         self.ranges.setdefault(digest, []).append(request.headers.get("Range", ""))
+        start = int(request.headers.get("Range", "bytes=0-").removeprefix("bytes=").split("-")[0])
         return httpx.Response(
             response.status_code,
             headers=response.headers,
-            stream=_Body(self, digest, response),
+            stream=_Body(self, digest, response, drop=start in self.drop_starts),
             extensions=response.extensions,
         )
 
@@ -128,14 +136,18 @@ class _Network(httpx.AsyncBaseTransport):
 
 
 class _Body(httpx.AsyncByteStream):
-    def __init__(self, network: _Network, digest: str, response: httpx.Response) -> None:
+    def __init__(
+        self, network: _Network, digest: str, response: httpx.Response, *, drop: bool
+    ) -> None:
         self.network = network
         self.digest = digest
         self.response = response
+        self.drop = drop
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         sent = 0
-        limit = self.network.stall_after
+        cuts = self.drop or self.network.stalls_expected
+        limit = self.network.stall_after if cuts else None
         async for piece in self.response.aiter_raw():
             if limit is not None and sent + len(piece) >= limit:
                 piece = piece[: limit - sent]
@@ -143,6 +155,8 @@ class _Body(httpx.AsyncByteStream):
             bytes_of = self.network.blob_bytes
             bytes_of[self.digest] = bytes_of.get(self.digest, 0) + len(piece)
             yield piece
+            if limit is not None and sent >= limit and self.drop:
+                raise httpx.ReadError("connection reset by the test's network")
             if limit is not None and sent >= limit:
                 self.network.stalled += 1
                 if self.network.stalled == self.network.stalls_expected:
@@ -258,3 +272,30 @@ def test_dmm_pull_says_the_model_came_from_the_registry(
         assert f"no reachable peer has nowhere:v1, and {oci_registry.url}" in missing.stderr
     finally:
         node.stop()
+
+
+async def test_a_dropped_connection_resumes_the_part_where_it_broke(
+    tmp_path: Path, make_model: MakeModel, oci_registry: OciRegistry
+) -> None:
+    manifest = oci_registry.push_model(
+        make_model("dropped.gguf", size=40 * MiB, seed=26), "library/dropped", "v1"
+    )
+    layer = _model_layer(manifest)
+    part_size = max(MIN_PART, math.ceil(layer.size / PARTS))
+    first = [i * part_size for i in range(PARTS)]
+    flaky = _Network(stall_after=STALL_AFTER, drop_starts=frozenset(first))
+
+    async def quiet(event: dict[str, Any]) -> None:
+        pass
+
+    config = node_config(tmp_path, "a", upstream_registry=oci_registry.url)
+    async with open_node(config) as a:
+        with trio.fail_after(60):
+            await pull_upstream(
+                a, parse_model_name("dropped:v1"), quiet, no_peer="", transport=flaky
+            )
+        assert a.store.verify("dropped:v1").ok
+    asked = flaky.ranges[layer.digest]
+    starts = sorted(int(r.removeprefix("bytes=").split("-")[0]) for r in asked)
+    assert starts == sorted(first + [s + STALL_AFTER for s in first]), (starts, part_size)
+    assert flaky.blob_bytes[layer.digest] == layer.size  # no byte fetched twice
