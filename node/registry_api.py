@@ -386,19 +386,28 @@ class RegistryApi:
                         log.info("registry: blob %s is being fetched by another pull", digest)
                         waited = True
                     await trio.sleep(BUSY_POLL)
-            log.info(
-                "registry: blob %s of %s fetched from %s",
-                digest,
-                pending.name.display,
-                pending.registry or "the swarm",
-            )
-            await self._write_complete_manifests()
         except (PullError, OSError) as exc:
             fetch.error = f"blob {digest} could not be fetched: {exc}"
-            log.warning("registry: %s (model %s)", fetch.error, pending.name.display)
+        except Exception as exc:
+            # This runs in the node's nursery: whatever goes wrong must not end the node.
+            log.exception("registry: fetch of blob %s failed", digest)
+            fetch.error = f"blob {digest} could not be fetched: internal error {exc!r}"
         finally:
             del self._fetches[digest]
             fetch.done.set()
+        if fetch.error is not None:
+            log.warning("registry: %s (model %s)", fetch.error, pending.name.display)
+            return
+        log.info(
+            "registry: blob %s of %s fetched from %s",
+            digest,
+            pending.name.display,
+            pending.registry or "the swarm",
+        )
+        try:
+            await self._write_complete_manifests()
+        except (PullError, OSError) as exc:
+            log.warning("registry: manifest of %s not written: %s", pending.name.display, exc)
 
     async def _write_complete_manifests(self) -> None:
         cas = self.node.store.cas
