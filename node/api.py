@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from node import registry_api
 from node.http import HTTPError, Request, Response, Router, json_response
 from node.ollama_api import DMM_VERSION, add_ollama_routes, rfc3339
 from node.proxy import UpstreamProxy, add_proxy_routes
@@ -69,6 +70,7 @@ def build_router(node: Node) -> Router:
     async def refresh(request: Request) -> Response:
         return json_response(await node.refresh())
 
+    registry_api.add_routes(router, node)  # OCI /v2/ for `ollama pull --insecure`
     return router
 
 

@@ -645,6 +645,11 @@ def cmd_pull(args: argparse.Namespace, config: Config) -> int:
         emit_json(last)
     elif last.get("already_complete"):
         print(f"{args.name} is already complete here; nothing to fetch")
+    elif "registry" in last:  # no peer had it: node/upstream.py pulled it
+        print(
+            f"pulled {args.name}: {human_size(last.get('bytes_fetched', 0))} fetched from "
+            f"{last['registry']} (no peer had it)"
+        )
     else:
         peers = last.get("peers", [])
         print(

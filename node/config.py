@@ -187,7 +187,16 @@ class ApiConfig:
     host: str
     port: int
     upstream: str | None  # base URL of a real Ollama, no trailing slash
-    upstream_registry: str
+    upstream_registry: str  # host[:port] or http(s)://host[:port]; "" = no fallback
+
+    @property
+    def upstream_registry_url(self) -> str | None:
+        """Base URL of the upstream OCI registry (https unless a scheme was given)."""
+        if not self.upstream_registry:
+            return None
+        if "://" in self.upstream_registry:
+            return self.upstream_registry
+        return "https://" + self.upstream_registry
 
     @property
     def listen(self) -> str:
@@ -693,12 +702,23 @@ class _Loader:
                 )
             if parts.query or parts.fragment:
                 raise self.error("api.upstream", f"{_quote(upstream)} must not have ? or #")
-        registry = self.string("api.upstream_registry", "registry.ollama.ai")
-        if not _REGISTRY_RE.fullmatch(registry):
-            raise self.error(
-                "api.upstream_registry",
-                f"{_quote(registry)} is not a registry host (e.g. registry.ollama.ai)",
-            )
+        registry = self.string("api.upstream_registry", "registry.ollama.ai").rstrip("/")
+        if registry:
+            # A bare host means https, as Ollama does; a scheme is allowed for a local
+            # or plain-http registry (http://127.0.0.1:5000).
+            parts = urlsplit(registry if "://" in registry else "https://" + registry)
+            if (
+                parts.scheme not in ("http", "https")
+                or not _REGISTRY_RE.fullmatch(parts.netloc)
+                or parts.path
+                or parts.query
+                or parts.fragment
+            ):
+                raise self.error(
+                    "api.upstream_registry",
+                    f"{_quote(registry)} is not a registry host or http(s)://host[:port] "
+                    "(e.g. registry.ollama.ai)",
+                )
         return ApiConfig(
             host=host,
             port=port,

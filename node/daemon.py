@@ -12,7 +12,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -317,6 +317,13 @@ class Node:
     def add_model_hook(self, event: str, fn: HookFn) -> None:
         """Run ``fn(HookEvent)`` on ``event`` (see node/hooks.py); sync or async."""
         self.hooks.add(event, fn)
+
+    def start_soon(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        """Run ``fn(*args)`` in the node's nursery: work that must outlive the request
+        that started it (a blob fetch several HTTP requests wait on)."""
+        if self._nursery is None:
+            raise RuntimeError("the node is not running")
+        self._nursery.start_soon(fn, *args)
 
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
         """Pull through the hooks: a failing pre-pull hook raises HookError, nothing moves."""

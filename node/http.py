@@ -37,6 +37,11 @@ class HTTPError(Exception):
         self.message = message
 
 
+class ClientGone(Exception):
+    """Raised by a streamed body to stop the response where it is: its client hung up, or
+    the rest cannot be sent (the client sees a body cut short, never a false end)."""
+
+
 @dataclass(slots=True)
 class Request:
     method: str
@@ -80,6 +85,11 @@ class Request:
             async for _ in self.stream():
                 pass
         except HTTPError:
+            pass
+
+    async def wait_disconnected(self) -> None:
+        """Return once the client has gone. Only after the body was read (it reads on)."""
+        while (await self._receive())["type"] != "http.disconnect":
             pass
 
     async def json(self) -> dict[str, Any]:
@@ -224,6 +234,8 @@ async def _send_response(send: Send, response: Response, *, head: bool) -> None:
             # Headers are gone already: report in-band, as Ollama does in a stream.
             line = json.dumps({"error": exc.message}).encode() + b"\n"
             await send({"type": "http.response.body", "body": line, "more_body": True})
+        except ClientGone:
+            return  # nobody to finish the response for
         await send({"type": "http.response.body", "body": b""})
     finally:
         # A stream not read to its end (HEAD, client gone) still releases what it holds,

@@ -1,5 +1,8 @@
 """Pulling a model from the swarm: versions, manifest, then each missing blob, manifest last.
 
+When no reachable peer has the model, ``node/upstream.py`` pulls it from the upstream OCI
+registry instead (``[api] upstream_registry``).
+
 Progress is reported as Ollama's ``/api/pull`` stream reports it (``pulling manifest``,
 ``pulling <12 hex>`` with ``digest``/``total``/``completed``, ``verifying sha256 digest``,
 ``writing manifest``, ``success``), plus ``peers`` — so ``ollama pull`` against the node
@@ -8,9 +11,10 @@ and ``dmm pull`` draw the same bars.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -40,7 +44,26 @@ class PullError(RuntimeError):
     """The model could not be pulled; the message says why and what to try."""
 
 
-async def _holders(node: Node, name: ModelName) -> list[str]:
+@contextlib.contextmanager
+def plain_pull_errors() -> Iterator[None]:
+    """Re-raise a nursery's group of nothing but PullErrors as its first PullError.
+
+    Trio wraps whatever leaves a nursery in an ExceptionGroup; callers of a pull catch
+    PullError, so a failure inside a nursery must reach them as one.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        matched, rest = group.split(PullError)
+        if matched is None or rest is not None:
+            raise
+        first: BaseException = matched
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from None
+
+
+async def find_holders(node: Node, name: ModelName) -> list[str]:
     """Peers holding any version of ``name``: DHT providers and peers that gossiped it."""
     from node.daemon import model_key
 
@@ -55,7 +78,7 @@ async def _holders(node: Node, name: ModelName) -> list[str]:
     return list(found)
 
 
-async def _newest_record(
+async def newest_record(
     node: Node, name: ModelName, holders: list[str]
 ) -> tuple[VersionRecord, list[str]]:
     """The newest version any holder knows, and the holders that have it."""
@@ -91,7 +114,7 @@ async def _newest_record(
     return newest, sorted(serving)
 
 
-async def _manifest(node: Node, digest: str, peers: list[str]) -> tuple[bytes, Manifest]:
+async def fetch_manifest(node: Node, digest: str, peers: list[str]) -> tuple[bytes, Manifest]:
     for peer in peers:
         try:
             async with open_catalog_client(node.host, peer, timeout=15) as client:
@@ -106,16 +129,20 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     """Bring ``name_text`` into the local store; returns a summary of what moved."""
     name = parse_model_name(name_text)
     await emit({"status": "pulling manifest"})
-    holders = await _holders(node, name)
+    holders = await find_holders(node, name)
     local = await trio.to_thread.run_sync(node.store.layout.read, name)
     complete = local is not None and all(
         node.store.cas.location(d) == "file" for d in local.manifest.blob_digests()
     )
     try:
-        record, serving = await _newest_record(node, name, holders)
-    except PullError:
+        record, serving = await newest_record(node, name, holders)
+    except PullError as exc:
         if not complete:
-            raise
+            # No peer has it: the upstream registry is the last resort (it raises
+            # this same error when no upstream is configured).
+            from node.upstream import pull_upstream
+
+            return await pull_upstream(node, name, emit, no_peer=str(exc))
         record, serving = None, []  # nobody to ask; what we hold is the newest we know
     if complete and (
         record is None or (local is not None and local.digest == record.manifest_digest)
@@ -123,20 +150,20 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
         await emit({"status": "success", "already_complete": True})
         return {"model": name.display, "already_complete": True, "bytes_fetched": 0}
     assert record is not None
-    raw, manifest = await _manifest(node, record.manifest_digest, serving)
+    raw, manifest = await fetch_manifest(node, record.manifest_digest, serving)
     fetched = local_bytes = 0
     peers_used: set[str] = set()
     for layer in manifest.all_layers():
         if node.store.cas.location(layer.digest) == "file":
-            await emit(_layer_event(layer.digest, layer.size, layer.size, 0))
+            await emit(layer_event(layer.digest, layer.size, layer.size, 0))
             continue
-        result = await _fetch_layer(node, name, layer, serving, emit)
+        result = await fetch_layer(node, name, layer, serving, emit)
         fetched += result.bytes_fetched
         local_bytes += result.bytes_local
         peers_used.update(result.peers_used)
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
-    await trio.to_thread.run_sync(_write_manifest, node, name, raw, manifest)
+    await trio.to_thread.run_sync(write_manifest, node, name, raw, manifest)
     # Announcing and providing it (DHT walks) goes on after the pull reports success.
     node.refresh_soon()
     await emit(
@@ -164,7 +191,7 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     }
 
 
-async def _fetch_layer(
+async def fetch_layer(
     node: Node, name: ModelName, layer: Layer, serving: list[str], emit: Emit
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
@@ -183,7 +210,7 @@ async def _fetch_layer(
 
     async def report() -> None:
         while not finished.is_set():
-            await emit(_layer_event(layer.digest, size, min(done, size), len(sources)))
+            await emit(layer_event(layer.digest, size, min(done, size), len(sources)))
             with trio.move_on_after(0.25):
                 await finished.wait()
 
@@ -204,32 +231,33 @@ async def _fetch_layer(
             except Exception as exc:  # an extra: the fetch works without it
                 log.info("blob %s: not provided while fetching (%s)", layer.digest[:19], exc)
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(report)
-        nursery.start_soon(provide)
-        try:
-            result = await fetch_blob(
-                node.host,
-                node.store,
-                node.scores,
-                model=name.full,
-                digest=layer.digest,
-                size=size,
-                chunks=chunks,
-                providers=sources,
-                on_progress=on_progress,
-                live=node.live_chunks,
-                discover=discover,
-            )
-        except TransferError as exc:
-            raise PullError(str(exc)) from None
-        finally:
-            finished.set()
-    await emit(_layer_event(layer.digest, size, size, len(sources)))
+    with plain_pull_errors():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(report)
+            nursery.start_soon(provide)
+            try:
+                result = await fetch_blob(
+                    node.host,
+                    node.store,
+                    node.scores,
+                    model=name.full,
+                    digest=layer.digest,
+                    size=size,
+                    chunks=chunks,
+                    providers=sources,
+                    on_progress=on_progress,
+                    live=node.live_chunks,
+                    discover=discover,
+                )
+            except TransferError as exc:
+                raise PullError(str(exc)) from None
+            finally:
+                finished.set()
+    await emit(layer_event(layer.digest, size, size, len(sources)))
     return result
 
 
-def _layer_event(digest: str, total: int, completed: int, peers: int) -> dict[str, Any]:
+def layer_event(digest: str, total: int, completed: int, peers: int) -> dict[str, Any]:
     return {
         "status": f"pulling {digest[7:19]}",
         "digest": digest,
@@ -260,7 +288,7 @@ async def _chunk_list(node: Node, digest: str, peers: list[str]) -> tuple[int, l
     raise PullError(f"no peer sent the chunk list of blob {digest}")
 
 
-def _write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
+def write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
     """Last step: the manifest appears only once every blob it names is in place."""
     with node.store.cas.commit_lock():
         missing = [d for d in manifest.blob_digests() if node.store.cas.location(d) != "file"]

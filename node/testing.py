@@ -14,8 +14,18 @@ from node.config import Config, load_config
 from node.daemon import Node, open_node
 
 
-def node_config(root: Path, name: str, bootstrap: Sequence[str] = (), extra: str = "") -> Config:
-    """A loopback-only config in ``root/name`` (mDNS off, ports chosen by the OS)."""
+def node_config(
+    root: Path,
+    name: str,
+    bootstrap: Sequence[str] = (),
+    extra: str = "",
+    *,
+    upstream_registry: str = "",
+) -> Config:
+    """A loopback-only config in ``root/name`` (mDNS off, ports chosen by the OS).
+
+    No upstream registry unless one is given: tests never reach the internet.
+    """
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     boot = ", ".join(f'"{addr}"' for addr in bootstrap)
@@ -24,7 +34,7 @@ def node_config(root: Path, name: str, bootstrap: Sequence[str] = (), extra: str
         f'[node]\nname = "{name}"\ndata_dir = "data"\n'
         f'[storage]\nmodels_dir = "models"\n'
         f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\nmdns = false\n'
-        f'[api]\nlisten = "127.0.0.1:0"\n'
+        f'[api]\nlisten = "127.0.0.1:0"\nupstream_registry = "{upstream_registry}"\n'
         f"{extra}"
     )
     return load_config(path)

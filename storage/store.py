@@ -29,6 +29,7 @@ from storage.chunks import (
     index_file,
 )
 from storage.db import MetadataDB
+from storage.download import stale_downloads
 from storage.gguf import GGUFError, GGUFInfo, details, read_gguf_info
 from storage.manifest import (
     CONFIG_MEDIA_TYPE,
@@ -497,9 +498,11 @@ class ModelStore:
                 if not dry_run:
                     self.cas.delete(digest)
                     self.db.delete_blob(digest)
-            report.temp_files = self.cas.stale_temp_files(older_than) + [
-                p for p in stale_partials(self.cas, older_than) if not _in_use(p)
-            ]
+            report.temp_files = (
+                self.cas.stale_temp_files(older_than)
+                + [p for p in stale_partials(self.cas, older_than) if not _in_use(p)]
+                + stale_downloads(self.cas, older_than)
+            )
             if not dry_run:
                 for tmp in report.temp_files:
                     tmp.unlink(missing_ok=True)

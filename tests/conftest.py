@@ -14,6 +14,7 @@ import trio.testing
 
 from storage.store import ModelStore
 from storage.testmodels import generate_model
+from tests.oci_registry import oci_registry  # noqa: F401  (a session fixture)
 
 MiB = 1024 * 1024
 MakeModel = Callable[..., Path]

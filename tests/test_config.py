@@ -372,7 +372,12 @@ ERRORS: list[tuple[str, str, str]] = [
     ('[api]\nupstream = "localhost:11434"\n', "api.upstream", "is not an http(s) URL"),
     ('[api]\nupstream = "ftp://host/"\n', "api.upstream", "is not an http(s) URL"),
     (
-        '[api]\nupstream_registry = "https://registry.ollama.ai"\n',
+        '[api]\nupstream_registry = "ftp://registry.ollama.ai"\n',
+        "api.upstream_registry",
+        "is not a registry host",
+    ),
+    (
+        '[api]\nupstream_registry = "https://registry.ollama.ai/v2?x=1"\n',
         "api.upstream_registry",
         "is not a registry host",
     ),
@@ -632,3 +637,18 @@ def test_resolve_falls_back_to_cwd_then_home_then_none(
     assert resolve_config_path(None) == user
     _write(work, "")
     assert resolve_config_path(None) == Path("node.toml")
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("registry.ollama.ai", "https://registry.ollama.ai"),
+        ("registry.example.org:5000", "https://registry.example.org:5000"),
+        ("http://127.0.0.1:5000", "http://127.0.0.1:5000"),
+        ("https://mirror.example.org/", "https://mirror.example.org"),
+        ("", None),
+    ],
+)
+def test_upstream_registry_forms(tmp_path: Path, value: str, url: str | None) -> None:
+    config = load_config(_write(tmp_path, f'[api]\nupstream_registry = "{value}"\n'))
+    assert config.api.upstream_registry_url == url
