@@ -423,10 +423,17 @@ class NodeUnreachable(CommandError):
     pass
 
 
+def api_headers(config: Config) -> dict[str, str]:
+    """The bearer token of ``[api] token`` / ``token_file``, when one is set."""
+    return {"authorization": f"Bearer {config.api.token}"} if config.api.token else {}
+
+
 def api_call(config: Config, method: str, path: str, timeout: float = 30.0) -> Any:
     """JSON from the node's HTTP API at ``[api] listen``."""
     url = f"http://{config.api.listen}{path}"
-    request = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+    request = urllib.request.Request(
+        url, method=method, data=b"" if method == "POST" else None, headers=api_headers(config)
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.loads(response.read())
@@ -486,13 +493,29 @@ def cmd_node_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
-    peers = api_call(config, "GET", "/api/peers")["peers"]
+    answer = api_call(config, "GET", "/api/peers")
+    peers = answer["peers"]
+    refused = answer.get("refused", [])
     if args.json:
-        emit_json({"peers": peers})
+        emit_json({"peers": peers, "refused": refused, "limits": answer.get("limits", {})})
         return EXIT_OK
     for peer in peers:
         print(peer["peer_id"])
     print(f"{len(peers)} peer(s) connected")
+    if refused:
+        print()
+        print_table(
+            [
+                (
+                    r["peer_id"],
+                    str(r["count"]),
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last"])),
+                    r["reason"],
+                )
+                for r in refused
+            ],
+            ("REFUSED PEER", "ATTEMPTS", "LAST", "REASON"),
+        )
     return EXIT_OK
 
 
@@ -527,7 +550,10 @@ def cmd_pull(args: argparse.Namespace, config: Config) -> int:
     body = json.dumps({"model": args.name, "stream": True}).encode()
     url = f"http://{config.api.listen}/api/pull"
     request = urllib.request.Request(
-        url, data=body, method="POST", headers={"content-type": "application/json"}
+        url,
+        data=body,
+        method="POST",
+        headers={"content-type": "application/json", **api_headers(config)},
     )
     try:
         response = urllib.request.urlopen(request, timeout=600)
@@ -621,7 +647,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = node_sub.add_parser("status", parents=[common, data], help="the running node's state")
     p.set_defaults(func=cmd_node_status)
 
-    add("peers", cmd_peers, "peers the running node is connected to")
+    add(
+        "peers",
+        cmd_peers,
+        "peers the running node is connected to, and peers whose connections it refused",
+    )
 
     p = add("pull", cmd_pull, "pull a model from the peers that hold it (resumes if interrupted)")
     p.add_argument("name", metavar="NAME[:TAG]")

@@ -12,15 +12,17 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
+from node.acl import Acl, StoreAccess
 from node.announce import Announcer
 from node.api import build_router
+from node.audit import AuditLog
 from node.catalog_service import (
     CATALOG_PROTOCOL,
     CatalogServer,
@@ -31,6 +33,7 @@ from node.config import Config
 from node.dht import Dht
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
+from node.limits import Limits
 from node.local import open_store
 from node.mdns import MdnsDiscovery
 from node.p2p import P2PError, P2PHost, open_host
@@ -93,22 +96,44 @@ class FindEntry:
 
 class Node:
     def __init__(
-        self, config: Config, identity: Identity, store: ModelStore, host: P2PHost
+        self,
+        config: Config,
+        identity: Identity,
+        store: ModelStore,
+        host: P2PHost,
+        *,
+        audit: AuditLog | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
         self.store = store
         self.host = host
-        self.book = VersionBook(store.db, identity)
-        self.dht = Dht(host)
-        self.announcer = Announcer(host, self._on_announcement)
-        self.catalog = CatalogServer(StoreCatalogSource(store, self.book))
+        # Security (README "Security"): `audit.record(...)` for anything worth an audit
+        # line; `acl.allowed(peer, role, model)` for access decisions; `limits.guard` for
+        # every inbound dmm protocol handler.
+        self.audit = audit if audit is not None else AuditLog(None)
+        self.limits = limits if limits is not None else Limits(config.limits, audit=self.audit)
+        self.acl = Acl(config.access.rules, self_peer=host.peer_id)
+        self.access = None if self.acl.open else StoreAccess(self.acl, store, self.audit)
+        host.meter = self.limits
+        self.book = VersionBook(store.db, identity, self.acl)
+        self.dht = Dht(host, acl=self.acl, on_rejected=self._dht_record_rejected)
+        self.announcer = Announcer(
+            host, self._on_announcement, acl=self.acl, on_rejected=self._gossip_record_rejected
+        )
+        self.catalog = CatalogServer(
+            StoreCatalogSource(store, self.book), limits=self.limits, access=self.access
+        )
         self.scores = PeerScores()
         self.provider = BlockProvider(
             store,
             self.scores,
             upload_slots=config.storage.upload_slots,
             rate_limit=config.storage.upload_rate_limit,
+            max_wantlist=config.limits.max_wantlist,
+            limits=self.limits,
+            access=self.access,
         )
         self._nursery: trio.Nursery | None = None
         self._pulling: set[str] = set()
@@ -131,14 +156,19 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.run)
             await nursery.start(self.announcer.run)
-            self.host.set_stream_handler(CATALOG_PROTOCOL, self.catalog.handle)
-            self.host.set_stream_handler(BLOCKS_PROTOCOL, self.provider.handle)
+            guard = self.limits.guard
+            self.host.set_stream_handler(
+                CATALOG_PROTOCOL, guard(CATALOG_PROTOCOL, self.catalog.handle)
+            )
+            self.host.set_stream_handler(
+                BLOCKS_PROTOCOL, guard(BLOCKS_PROTOCOL, self.provider.handle)
+            )
             self._nursery = nursery
             api = self.config.api
+            router = build_router(self)
+            router.require_token(api.token, self._api_refused)
             self.api_urls = await nursery.start(
-                functools.partial(
-                    serve_http, build_router(self), api.host, api.port, shutdown=self.shutdown
-                )
+                functools.partial(serve_http, router, api.host, api.port, shutdown=self.shutdown)
             )
             for addr in self.config.network.bootstrap:
                 nursery.start_soon(self._keep_connected, addr)
@@ -217,6 +247,7 @@ class Node:
                 self._published[entry.name.full] = entry.digest
             removed = [name for name in self._published if name not in current]
             for name in removed:
+                self.audit.record("delete", model=name, version=self._published[name])
                 del self._published[name]
                 model = parse_model_name(name)
                 if not any(
@@ -275,7 +306,48 @@ class Node:
             self._pulling.discard(full_name)
 
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
-        return await pull_model(self, name, emit)
+        try:
+            result = await pull_model(self, name, emit)
+        except PullError as exc:
+            self.audit.record("pull", model=name, outcome="failed", reason=str(exc))
+            raise
+        self.audit.record(
+            "pull",
+            peer=",".join(result.get("peers", [])) or None,
+            model=result["model"],
+            version=result.get("version"),
+            reason="already complete" if result["already_complete"] else None,
+        )
+        return result
+
+    # --- security callbacks -------------------------------------------------------------
+
+    def _dht_record_rejected(self, record: VersionRecord, reason: str) -> None:
+        log.info("DHT version record of %s refused: %s", record.name, reason)
+        self.audit.record(
+            "record",
+            peer=record.author,
+            model=record.name,
+            version=record.version_id.hex(),
+            outcome="refused",
+            reason=f"dht: {reason}",
+        )
+
+    def _gossip_record_rejected(self, origin: str, record: VersionRecord, reason: str) -> None:
+        self.audit.record(
+            "record",
+            peer=origin,
+            model=record.name,
+            version=record.version_id.hex(),
+            outcome="refused",
+            reason=f"gossip: {reason}",
+        )
+
+    def _api_refused(self, client: str, method: str, path: str) -> None:
+        log.info("API request %s %s from %s refused: no valid token", method, path, client)
+        self.audit.record(
+            "api", peer=client, outcome="refused", reason=f"{method} {path}: no valid token"
+        )
 
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""
@@ -285,6 +357,10 @@ class Node:
 
     def peers(self) -> list[dict[str, Any]]:
         return [{"peer_id": p, "connected": True} for p in sorted(self.host.connected_peers())]
+
+    def refused_peers(self) -> list[dict[str, Any]]:
+        """Peers whose connections or streams were refused: count, first, last, reason."""
+        return self.limits.refusals()
 
     async def status(self) -> dict[str, Any]:
         models = await trio.to_thread.run_sync(self.store.list_models)
@@ -391,20 +467,50 @@ async def open_node(config: Config, *, identity: Identity | None = None) -> Asyn
     if identity is None:
         identity = await trio.to_thread.run_sync(load_or_create_identity, config.node.data_dir)
     store = await trio.to_thread.run_sync(open_store, config)
+    audit_config = config.audit
+    audit = AuditLog(
+        audit_config.path if audit_config.enabled else None,
+        max_size=audit_config.max_size,
+        keep=audit_config.keep,
+    )
+    limits = Limits(config.limits, audit=audit)
     try:
         allowlist = frozenset(config.network.allowlist) or None
-        async with (
-            open_host(identity.key_pair, list(config.network.listen), allowlist=allowlist) as host,
-            trio.open_nursery() as nursery,
-        ):
-            node = Node(config, identity, store, host)
-            await nursery.start(node.run)
-            try:
-                yield node
-            finally:
-                node.shutdown.set()
+        async with trio.open_nursery() as outer:
+            # Started first and stopped last, so every refusal on the way down is written.
+            await outer.start(audit.run)
+            async with (
+                open_host(
+                    identity.key_pair,
+                    list(config.network.listen),
+                    allowlist=allowlist,
+                    gate=limits.ban_reason,
+                    on_refused=limits.refused,
+                ) as host,
+                trio.open_nursery() as nursery,
+            ):
+                limits.disconnect = _disconnector(host)
+                await nursery.start(limits.run)
+                node = Node(config, identity, store, host, audit=audit, limits=limits)
+                await nursery.start(node.run)
+                try:
+                    yield node
+                finally:
+                    node.shutdown.set()
+                    nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _disconnector(host: P2PHost) -> Callable[[str], Awaitable[None]]:
+    async def disconnect(peer: str) -> None:
+        try:
+            await host.disconnect(peer)
+        except Exception as exc:  # already gone, or the library failing: either way, done
+            log.debug("disconnecting %s: %r", peer, exc)
+
+    return disconnect
 
 
 __all__ = ["FindEntry", "Node", "open_node"]
