@@ -1,0 +1,54 @@
+"""Helpers for the security tests: node configs with extra [network]/[api] keys and rules."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from node.config import Config, load_config
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_config(
+    root: Path,
+    name: str,
+    *,
+    bootstrap: Sequence[str] = (),
+    network: str = "",
+    api: str = 'listen = "127.0.0.1:0"\n',
+    extra: str = "",
+) -> Path:
+    """A loopback node.toml in ``root/name``; ``network``/``api`` are added to those tables,
+    ``extra`` (whole tables, e.g. ``[limits]`` or ``[[access]]``) goes at the end."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    boot = ", ".join(f'"{addr}"' for addr in bootstrap)
+    path = folder / "node.toml"
+    path.write_text(
+        f'[node]\nname = "{name}"\ndata_dir = "data"\n'
+        f'[storage]\nmodels_dir = "models"\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\nmdns = false\n'
+        f"{network}"
+        f"[api]\n{api}"
+        f"{extra}"
+    )
+    return path
+
+
+def config(root: Path, name: str, **kwargs: Any) -> Config:
+    return load_config(write_config(root, name, **kwargs))
+
+
+def audit_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of an audit file, parsed (each must be one JSON object)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines()]
