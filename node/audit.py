@@ -62,6 +62,7 @@ class AuditLog:
         self.written = 0
         self._lock = threading.Lock()
         self._pending: list[str] = []
+        self._writing = False  # a batch taken from _pending is on its way to disk
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
         self._write_lock = threading.Lock()
@@ -117,7 +118,7 @@ class AuditLog:
     async def flush(self) -> None:
         """Return once everything recorded before the call is on disk (``run`` must run)."""
         with self._lock:
-            if not self._pending:
+            if not self._pending and not self._writing:
                 return
         flushed = self._flushed
         self._wakeup.set()
@@ -131,6 +132,7 @@ class AuditLog:
         with self._lock:
             lines, self._pending = self._pending, []
             dropped, self.dropped = self.dropped, 0
+            self._writing = True
         if dropped:
             lines.append(
                 json.dumps(
@@ -153,6 +155,8 @@ class AuditLog:
                 log.error(
                     "audit log %s not written (%d lines lost): %s", self.path, len(lines), exc
                 )
+        with self._lock:
+            self._writing = False
         flushed, self._flushed = self._flushed, trio.Event()
         flushed.set()
 
