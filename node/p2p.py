@@ -1100,6 +1100,8 @@ _ORDINARY = re.compile(
             r"Stream entered",
             r"Failed to read DHT message from stream: $",  # the peer closed it (defect 18)
             r"Failed to store value at peer \S+: $",  # the peer refused the value
+            # Our validator refused a peer's value (an ACL refusal is audited by the node).
+            r"Failed to store value [0-9a-f]+ for key",
         ]
     )
 )

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from node.config import Config, load_config
+from node.p2p import P2PHost
+from node.provider import BLOCKS_PROTOCOL
+from protocols.blocks import NEED_DATA, BlockExchange, EndOfStream, Message, Role
 
 
 def free_port() -> int:
@@ -52,3 +55,25 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+async def blocks_exchange(host: P2PHost, peer: str, requests: Sequence[Message]) -> list[Any]:
+    """Send ``requests`` on one raw ``/dmm/blocks/1`` stream; every event until it ends."""
+    stream = await host.open_stream(peer, BLOCKS_PROTOCOL)
+    conn = BlockExchange(Role.CLIENT)
+    for request in requests:
+        await stream.send_all(conn.send(request))
+    conn.send(EndOfStream())
+    await stream.send_eof()
+    events: list[Any] = []
+    while True:
+        event = conn.next_event()
+        if event is NEED_DATA:
+            data = await stream.receive_some(conn.max_read)
+            conn.receive_eof() if not data else conn.receive_data(data)
+        elif isinstance(event, EndOfStream):
+            break
+        else:
+            events.append(event)
+    await stream.aclose()
+    return events
