@@ -827,8 +827,8 @@ class _Loader:
         return float(value)
 
     def limits(self) -> LimitsConfig:
-        peer_requests = self.rate("limits.peer_requests", 200.0)
-        requests = self.rate("limits.requests", 2000.0)
+        peer_requests = self.rate("limits.peer_requests", 1000.0)
+        requests = self.rate("limits.requests", 5000.0)
         if requests < peer_requests:
             raise self.error(
                 "limits.requests", f"{requests:g} is below limits.peer_requests ({peer_requests:g})"

@@ -38,7 +38,7 @@ from node.config import LimitsConfig
 from node.p2p import Stream, StreamHandler
 from node.peerscore import TokenBucket
 
-__all__ = ["IDLE_EXPIRY", "LimitExceeded", "Limits", "Refusal"]
+__all__ = ["DISCONNECT_GRACE", "IDLE_EXPIRY", "LimitExceeded", "Limits", "Refusal"]
 
 log = logging.getLogger("dmm.limits")
 
@@ -47,6 +47,8 @@ IDLE_EXPIRY: Final = 600.0
 _SWEEP_INTERVAL: Final = 60.0
 # /api/peers lists at most this many refused peers (the newest).
 _REFUSALS_SHOWN: Final = 100
+# A peer being disconnected gets this long to read the final refusal that says why.
+DISCONNECT_GRACE: Final = 0.5
 
 
 class LimitExceeded(Exception):
@@ -62,6 +64,10 @@ class _Pacer:
         self._interval = 1.0 / rate
         self._span = max(rate - 1.0, 0.0) * self._interval
         self._next = -math.inf
+
+    def half_full(self, now: float) -> bool:
+        """Whether at least half the burst is available: the peer has been under the rate."""
+        return self._next <= now - self._span / 2
 
     def delay(self, now: float) -> float:
         """Book the next slot; how long the request must wait for it (0 = within the rate)."""
@@ -220,7 +226,14 @@ class Limits:
         if self.audit is not None:
             self.audit.record("limit", peer=peer, outcome="refused", reason=reason)
         if self._nursery is not None and self.disconnect is not None:
-            self._nursery.start_soon(self.disconnect, peer)
+            self._nursery.start_soon(self._disconnect_soon, peer, self.disconnect)
+
+    async def _disconnect_soon(
+        self, peer: str, disconnect: Callable[[str], Awaitable[None]]
+    ) -> None:
+        # Its streams are refused from now on (the ban); the grace lets the reply out.
+        await trio.sleep(DISCONNECT_GRACE)
+        await disconnect(peer)
 
     # ------------------------------------------------------------------ streams
 
@@ -294,25 +307,31 @@ class Limits:
             raise LimitExceeded("too many peers busy here")
         now = trio.current_time()
         entry.requests += 1
-        wait = max(entry.pacer.delay(now), self._global.delay(now))
-        if wait <= 0:
+        # "Over" ends only once the peer let its burst half refill: a client asking again
+        # the moment each slowed request is answered stays over, however fast the replies.
+        if entry.pacer.half_full(now):
             entry.over_since = None
-            await trio.lowlevel.checkpoint()
-            return
-        entry.slowed += 1
-        self.stats.slowed += 1
-        if entry.over_since is None:
-            entry.over_since = now
-            log.info("peer %s is over its request rate: slowing it down", peer)
-        over_for = now + wait - entry.over_since
-        if over_for > self.config.disconnect_after:
+        wait = max(entry.pacer.delay(now), self._global.delay(now))
+        if wait > 0:
+            entry.slowed += 1
+            self.stats.slowed += 1
+            if entry.over_since is None:
+                entry.over_since = now
+                log.info("peer %s is over its request rate: slowing it down", peer)
+        if (
+            entry.over_since is not None
+            and now + wait - entry.over_since > self.config.disconnect_after
+        ):
             reason = (
                 f"over {self.config.peer_requests:g} requests/s for "
                 f"{self.config.disconnect_after:g}s ({entry.requests} requests)"
             )
             self._disconnect(peer, reason)
             raise LimitExceeded(reason)
-        await trio.sleep(wait)
+        if wait > 0:
+            await trio.sleep(wait)
+        else:
+            await trio.lowlevel.checkpoint()
 
     def violation(self, peer: str, reason: str) -> bool:
         """A refused or malformed request; True when it got the peer disconnected."""

@@ -58,9 +58,10 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
 
 
 async def blocks_exchange(host: P2PHost, peer: str, requests: Sequence[Message]) -> list[Any]:
-    """Send ``requests`` on one raw ``/dmm/blocks/1`` stream; every event until it ends."""
+    """Send ``requests`` on one raw ``/dmm/blocks/1`` stream, all before reading a reply (as
+    many as given: a misbehaving client); every event until the stream ends."""
     stream = await host.open_stream(peer, BLOCKS_PROTOCOL)
-    conn = BlockExchange(Role.CLIENT)
+    conn = BlockExchange(Role.CLIENT, max_in_flight=max(len(requests), 1))
     for request in requests:
         await stream.send_all(conn.send(request))
     conn.send(EndOfStream())
