@@ -111,7 +111,7 @@ class Announcer:
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS,
         acl: Acl | None = None,
-        on_rejected: Callable[[str, VersionRecord, str], None] | None = None,
+        on_rejected: Callable[[str, VersionRecord | None, str], None] | None = None,
     ) -> None:
         if not 0 < rate <= MAX_RATE:
             raise ValueError(f"rate must be in (0, {MAX_RATE:g}] announcements per second")
@@ -121,7 +121,8 @@ class Announcer:
             raise ValueError(f"max_queued_records must be at least {MAX_ANNOUNCED_RECORDS}")
         self._host = host
         # Announcements carrying a record whose author may not publish it are dropped and
-        # not forwarded; ``on_rejected(origin, record, reason)`` hears of each.
+        # not forwarded, as bad ones are; ``on_rejected(origin, record or None, reason)``
+        # hears of each (for the audit log).
         self._acl = acl
         self._on_rejected = on_rejected
         self._my_id = host.host.get_id()
@@ -282,14 +283,20 @@ class Announcer:
             for record in announcement.records:
                 refusal = self._acl.publish_refusal(record)
                 if refusal is not None:
-                    self._bad(str(origin), forwarder, RemoteProtocolError(refusal))
-                    if self._on_rejected is not None:
-                        self._on_rejected(str(origin), record, refusal)
+                    self._bad(str(origin), forwarder, RemoteProtocolError(refusal), record)
                     return False
         return True
 
-    def _bad(self, peer: str, forwarder: ID, exc: RemoteProtocolError) -> None:
+    def _bad(
+        self,
+        peer: str,
+        forwarder: ID,
+        exc: RemoteProtocolError,
+        record: VersionRecord | None = None,
+    ) -> None:
         self.stats.dropped_bad += 1
+        if self._on_rejected is not None:
+            self._on_rejected(peer, record, str(exc))
         counts = self.stats.bad_by_peer
         if peer in counts:
             counts[peer] += 1

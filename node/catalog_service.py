@@ -108,6 +108,8 @@ DEFAULT_CLIENT_TIMEOUT = 30.0
 DEFAULT_WRITE_TIMEOUT = 30.0
 # A server stream with nothing outstanding and no new request for this long is ended.
 DEFAULT_IDLE_TIMEOUT = 120.0
+# Peers whose misbehaviour is counted in `CatalogServer.misbehaviour`.
+MAX_MISBEHAVING_TRACKED = 4096
 # How long a closing client waits for the server to finish its side.
 _CLOSE_GRACE = 2.0
 
@@ -314,6 +316,9 @@ class CatalogServer:
             await stream.reset()
 
     def _misbehaved(self, peer: str, reason: str) -> None:
+        if peer not in self.misbehaviour and len(self.misbehaviour) >= MAX_MISBEHAVING_TRACKED:
+            # Peer ids are free to make: forget the oldest rather than grow without bound.
+            del self.misbehaviour[next(iter(self.misbehaviour))]
         self.misbehaviour[peer] += 1
         log.info("catalog peer %s misbehaved (%d): %s", peer, self.misbehaviour[peer], reason)
         if self.limits is not None:

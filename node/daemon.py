@@ -42,7 +42,7 @@ from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
-from protocols.records import Announcement, VersionRecord
+from protocols.records import VERSION_KEY_PREFIX, Announcement, VersionRecord
 from storage.names import ModelName, parse_model_name
 from storage.store import ModelStore
 
@@ -322,23 +322,26 @@ class Node:
 
     # --- security callbacks -------------------------------------------------------------
 
-    def _dht_record_rejected(self, record: VersionRecord, reason: str) -> None:
-        log.info("DHT version record of %s refused: %s", record.name, reason)
+    def _dht_record_rejected(self, key: str, record: VersionRecord | None, reason: str) -> None:
+        # The validator does not know which peer sent the value: the author stands in.
+        log.info("DHT value for %s refused: %s", key[:100], reason)
         self.audit.record(
             "record",
-            peer=record.author,
-            model=record.name,
-            version=record.version_id.hex(),
+            peer=None if record is None else record.author,
+            model=key.removeprefix(VERSION_KEY_PREFIX)[:255] if record is None else record.name,
+            version=None if record is None else record.version_id.hex(),
             outcome="refused",
             reason=f"dht: {reason}",
         )
 
-    def _gossip_record_rejected(self, origin: str, record: VersionRecord, reason: str) -> None:
+    def _gossip_record_rejected(
+        self, origin: str, record: VersionRecord | None, reason: str
+    ) -> None:
         self.audit.record(
             "record",
             peer=origin,
-            model=record.name,
-            version=record.version_id.hex(),
+            model=None if record is None else record.name,
+            version=None if record is None else record.version_id.hex(),
             outcome="refused",
             reason=f"gossip: {reason}",
         )

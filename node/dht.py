@@ -131,13 +131,17 @@ class _VersionRecordValidator(Validator):
         try:
             record = validate_record_key(key, value)
         except RemoteProtocolError as exc:
+            self._rejected(key, None, str(exc))
             raise ValueError(str(exc)) from None
         if self._acl is not None:
             refusal = self._acl.publish_refusal(record)
             if refusal is not None:
-                if self._on_rejected is not None:
-                    self._on_rejected(record, refusal)
+                self._rejected(key, record, refusal)
                 raise ValueError(refusal)
+
+    def _rejected(self, key: str, record: VersionRecord | None, reason: str) -> None:
+        if self._on_rejected is not None:
+            self._on_rejected(key, record, reason)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return select_newest_value(key, values)
@@ -178,8 +182,10 @@ class Dht:
         provide_rate: float = DEFAULT_PROVIDE_RATE,
         provide_burst: int = DEFAULT_PROVIDE_BURST,
         acl: Acl | None = None,
-        on_rejected: Callable[[VersionRecord, str], None] | None = None,
+        on_rejected: Callable[[str, VersionRecord | None, str], None] | None = None,
     ) -> None:
+        """``on_rejected(key, record or None, reason)`` hears of every value refused by the
+        validator (invalid, or its author may not publish it under ``acl``)."""
         if not 0 < reprovide_interval < PROVIDER_RECORD_TTL:
             raise ValueError("reprovide_interval must be between 0 and the provider TTL")
         if not 0 < reput_interval < VALUE_RECORD_TTL:

@@ -127,14 +127,12 @@ class Limits:
         *,
         audit: AuditLog | None = None,
         disconnect: Callable[[str], Awaitable[None]] | None = None,
-        exempt: frozenset[str] = frozenset(),
     ) -> None:
         self.config = config
         self.audit = audit
         self.stats = LimitStats()
         # Set once the host exists; None = bans only, no disconnect.
         self.disconnect = disconnect
-        self._exempt = exempt
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
         self._bans: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._refused: OrderedDict[str, Refusal] = OrderedDict()
@@ -247,7 +245,7 @@ class Limits:
             entry = self._entry(peer)
             if entry is None:
                 reason = "too many peers busy here (limits.max_peers_tracked)"
-            elif entry.streams >= self.config.peer_streams and peer not in self._exempt:
+            elif entry.streams >= self.config.peer_streams:
                 reason = f"{entry.streams} streams open from this peer (limits.peer_streams)"
                 self.violation(peer, reason)
         if reason is not None or entry is None:
@@ -296,9 +294,6 @@ class Limits:
         Raises ``LimitExceeded`` when the peer has been over its rate for
         ``disconnect_after`` seconds (it is being disconnected) or is banned.
         """
-        if peer in self._exempt:
-            await trio.lowlevel.checkpoint()
-            return
         reason = self.ban_reason(peer)
         if reason is not None:
             raise LimitExceeded(reason)
@@ -335,8 +330,6 @@ class Limits:
 
     def violation(self, peer: str, reason: str) -> bool:
         """A refused or malformed request; True when it got the peer disconnected."""
-        if peer in self._exempt:
-            return False
         self.stats.violations += 1
         if self.audit is not None:
             self.audit.record("request", peer=peer, outcome="refused", reason=reason)
