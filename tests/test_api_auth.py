@@ -66,7 +66,9 @@ def test_loopback_needs_no_token(tmp_path: Path) -> None:
     assert config(tmp_path, "n").api.token is None
 
 
-async def test_public_api_requires_the_bearer_token(tmp_path: Path) -> None:
+async def test_public_api_requires_the_bearer_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = config(tmp_path, "pub", api=f'listen = "0.0.0.0:0"\ntoken = "{TOKEN}"\n')
     with trio.fail_after(60):
         async with open_node(cfg) as node:
@@ -96,6 +98,10 @@ async def test_public_api_requires_the_bearer_token(tmp_path: Path) -> None:
                 return ollama.Client(host=base, headers=headers).list()
 
             assert list(await trio.to_thread.run_sync(listed)) == [("models", [])]
+            # ...and reads it from OLLAMA_API_KEY, as the README says.
+            monkeypatch.setenv("OLLAMA_API_KEY", TOKEN)
+            from_env = await trio.to_thread.run_sync(lambda: ollama.Client(host=base).list())
+            assert list(from_env) == [("models", [])]
             await node.audit.flush()
             refusals = [e for e in audit_lines(cfg.audit.path) if e["action"] == "api"]
             assert len(refusals) == 6 and all(e["outcome"] == "refused" for e in refusals)
