@@ -308,8 +308,8 @@ class Node:
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
         try:
             result = await pull_model(self, name, emit)
-        except PullError as exc:
-            self.audit.record("pull", model=name, outcome="failed", reason=str(exc))
+        except Exception as exc:  # whatever ended it, the audit says so; the caller handles it
+            self.audit.record("pull", model=name, outcome="failed", reason=str(exc) or repr(exc))
             raise
         self.audit.record(
             "pull",
