@@ -350,12 +350,15 @@ class Limits:
             await entry.up.take(nbytes)
 
     async def on_receive(self, peer: str, nbytes: int) -> None:
+        # Shielded: the bytes are read already, and a cancelled read would lose them.
         if self.config.peer_download_rate:
             entry = self._entry(peer)
             if entry is not None and entry.down is not None:
-                await entry.down.take(nbytes)
+                with trio.CancelScope(shield=True):
+                    await entry.down.take(nbytes)
         if self._global_down is not None:
-            await self._global_down.take(nbytes)
+            with trio.CancelScope(shield=True):
+                await self._global_down.take(nbytes)
 
     # ------------------------------------------------------ refused connections
 

@@ -488,7 +488,10 @@ def _build_host(
 
 
 class StreamMeter(Protocol):
-    """Byte accounting for every `Stream` of a host (rate limits): each may wait."""
+    """Byte accounting for every `Stream` of a host (rate limits): each may wait.
+
+    ``on_receive`` is called for bytes already read: it must not let a cancellation
+    through (shield its waits), or the caller would lose them."""
 
     async def on_send(self, peer: str, nbytes: int) -> None: ...
 
@@ -602,9 +605,7 @@ class Stream(trio.abc.HalfCloseableStream):
                 raise self._broken(exc) from exc
             self._check_open()
             if self._meter is not None and data:
-                # Shielded: these bytes are read already; a cancelled wait would lose them.
-                with trio.CancelScope(shield=True):
-                    await self._meter.on_receive(self.peer_id, len(data))
+                await self._meter.on_receive(self.peer_id, len(data))
             return data
         finally:
             self._receiving = False
