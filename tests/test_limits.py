@@ -255,3 +255,51 @@ async def test_huge_wantlists_get_a_peer_disconnected(tmp_path: Path) -> None:
     refusals = [e for e in events if isinstance(e, ErrorReply)]
     assert all(e.code in ("refused", "bad-request") for e in refusals)
     assert holder.limits.stats.violations >= 3
+
+
+async def test_every_dmm_stream_reports_its_bytes_to_the_meter() -> None:
+    """The byte limits see every stream's bytes, both ways, on both ends."""
+
+    class Meter:
+        def __init__(self) -> None:
+            self.sent: dict[str, int] = {}
+            self.received: dict[str, int] = {}
+
+        async def on_send(self, peer: str, nbytes: int) -> None:
+            self.sent[peer] = self.sent.get(peer, 0) + nbytes
+
+        async def on_receive(self, peer: str, nbytes: int) -> None:
+            self.received[peer] = self.received.get(peer, 0) + nbytes
+
+    payload = bytes(300_000)
+    done = trio.Event()
+
+    async def echo(stream: Any) -> None:
+        got = bytearray()
+        while data := await stream.receive_some():
+            got += data
+        await stream.send_all(bytes(got[:1000]))
+        done.set()
+
+    with trio.fail_after(30):
+        async with (
+            open_host(create_new_key_pair(), [LOOPBACK]) as server,
+            open_host(create_new_key_pair(), [LOOPBACK]) as client,
+        ):
+            server_meter, client_meter = Meter(), Meter()
+            server.meter, client.meter = server_meter, client_meter
+            server.set_stream_handler("/dmm/test-meter/1", echo)
+            await client.connect(server.listen_addrs[0])
+            stream = await client.open_stream(server.peer_id, "/dmm/test-meter/1")
+            await stream.send_all(payload)
+            await stream.send_eof()
+            reply = b""
+            while data := await stream.receive_some():
+                reply += data
+            await done.wait()
+            await stream.aclose()
+    assert len(reply) == 1000
+    assert client_meter.sent == {server.peer_id: 300_000}
+    assert server_meter.received == {client.peer_id: 300_000}
+    assert server_meter.sent == {client.peer_id: 1000}
+    assert client_meter.received == {server.peer_id: 1000}
