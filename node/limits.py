@@ -213,6 +213,10 @@ class Limits:
         if len(self._bans) >= self.config.max_peers_tracked:
             self._bans.popitem(last=False)
         self._bans[peer] = (trio.current_time() + self.config.ban_for, reason)
+        entry = self._peers.get(peer)
+        if entry is not None:  # after the ban it starts afresh
+            entry.violations = 0
+            entry.over_since = None
         self.stats.disconnects += 1
         shown = self.stats.disconnected
         if len(shown) >= _REFUSALS_SHOWN:
