@@ -39,6 +39,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from node.acl import Acl
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.records import (
     ANNOUNCE_TOPIC,
@@ -109,6 +110,8 @@ class Announcer:
         rate: float = DEFAULT_RATE,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
         max_queued_records: int = DEFAULT_MAX_QUEUED_RECORDS,
+        acl: Acl | None = None,
+        on_rejected: Callable[[str, VersionRecord | None, str], None] | None = None,
     ) -> None:
         if not 0 < rate <= MAX_RATE:
             raise ValueError(f"rate must be in (0, {MAX_RATE:g}] announcements per second")
@@ -117,6 +120,11 @@ class Announcer:
         if max_queued_records < MAX_ANNOUNCED_RECORDS:
             raise ValueError(f"max_queued_records must be at least {MAX_ANNOUNCED_RECORDS}")
         self._host = host
+        # Announcements carrying a record whose author may not publish it are dropped and
+        # not forwarded, as bad ones are; ``on_rejected(origin, record or None, reason)``
+        # hears of each (for the audit log).
+        self._acl = acl
+        self._on_rejected = on_rejected
         self._my_id = host.host.get_id()
         self._on_records = on_records
         self._interval = 1.0 / rate
@@ -267,14 +275,28 @@ class Announcer:
         if origin == self._my_id:
             return True
         try:
-            Announcement.decode(message.data)
+            announcement = Announcement.decode(message.data)
         except RemoteProtocolError as exc:
             self._bad(str(origin), forwarder, exc)
             return False
+        if self._acl is not None:
+            for record in announcement.records:
+                refusal = self._acl.publish_refusal(record)
+                if refusal is not None:
+                    self._bad(str(origin), forwarder, RemoteProtocolError(refusal), record)
+                    return False
         return True
 
-    def _bad(self, peer: str, forwarder: ID, exc: RemoteProtocolError) -> None:
+    def _bad(
+        self,
+        peer: str,
+        forwarder: ID,
+        exc: RemoteProtocolError,
+        record: VersionRecord | None = None,
+    ) -> None:
         self.stats.dropped_bad += 1
+        if self._on_rejected is not None:
+            self._on_rejected(peer, record, str(exc))
         counts = self.stats.bad_by_peer
         if peer in counts:
             counts[peer] += 1

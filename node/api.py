@@ -45,7 +45,13 @@ def build_router(node: Node) -> Router:
 
     @router.route("GET", "/api/peers")
     async def peers(request: Request) -> Response:
-        return json_response({"peers": node.peers()})
+        return json_response(
+            {
+                "peers": node.peers(),
+                "refused": node.refused_peers(),
+                "limits": node.limits.snapshot(),
+            }
+        )
 
     @router.route("GET", "/api/find")
     async def find(request: Request) -> Response:

@@ -41,6 +41,8 @@ from typing import NoReturn, Protocol, TypeVar
 
 import trio
 
+from node.acl import StoreAccess
+from node.limits import LimitExceeded, Limits
 from node.p2p import P2PHost, Stream
 from node.versions import VersionBook
 from protocols.catalog import (
@@ -106,6 +108,8 @@ DEFAULT_CLIENT_TIMEOUT = 30.0
 DEFAULT_WRITE_TIMEOUT = 30.0
 # A server stream with nothing outstanding and no new request for this long is ended.
 DEFAULT_IDLE_TIMEOUT = 120.0
+# Peers whose misbehaviour is counted in `CatalogServer.misbehaviour`.
+MAX_MISBEHAVING_TRACKED = 4096
 # How long a closing client waits for the server to finish its side.
 _CLOSE_GRACE = 2.0
 
@@ -253,6 +257,8 @@ class CatalogServer:
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_threads: int = 4,
         on_misbehaviour: Callable[[str, str], None] | None = None,
+        limits: Limits | None = None,
+        access: StoreAccess | None = None,
     ) -> None:
         if max_concurrent_streams < 1:
             raise ValueError("max_concurrent_streams must be at least 1")
@@ -263,6 +269,10 @@ class CatalogServer:
         self.idle_timeout = idle_timeout
         self.misbehaviour: collections.Counter[str] = collections.Counter()
         self._on_misbehaviour = on_misbehaviour
+        # Requests are paced and misbehaviour counted by `limits`; `access` refuses what the
+        # peer may not read (``[[access]]`` reader role). None = neither.
+        self.limits = limits
+        self.access = access
         self._limiter = trio.CapacityLimiter(max_threads)
         self._open_streams: collections.Counter[str] = collections.Counter()
 
@@ -306,8 +316,13 @@ class CatalogServer:
             await stream.reset()
 
     def _misbehaved(self, peer: str, reason: str) -> None:
+        if peer not in self.misbehaviour and len(self.misbehaviour) >= MAX_MISBEHAVING_TRACKED:
+            # Peer ids are free to make: forget the oldest rather than grow without bound.
+            del self.misbehaviour[next(iter(self.misbehaviour))]
         self.misbehaviour[peer] += 1
         log.info("catalog peer %s misbehaved (%d): %s", peer, self.misbehaviour[peer], reason)
+        if self.limits is not None:
+            self.limits.violation(peer, f"catalog: {reason}")
         if self._on_misbehaviour is not None:
             try:
                 self._on_misbehaviour(peer, reason)
@@ -343,11 +358,21 @@ class CatalogServer:
 
     async def _compute(self, request: Request, peer: str) -> Response:
         rid = request.request_id
+        if self.access is not None:
+            refusal = await self._in_thread(partial(self._refusal, request, peer))
+            if refusal is not None:
+                return ErrorReply(rid, "refused", refusal[:MAX_ERROR_MESSAGE_LENGTH])
         match request:
             case ListModels(glob=glob, limit=limit):
                 summaries, truncated = await self._in_thread(
                     partial(self.source.list_models, glob, limit)
                 )
+                if self.access is not None:
+                    # Models the peer may not read are not there, as far as it can tell.
+                    acl = self.access.acl
+                    summaries = [
+                        s for s in summaries if acl.allowed(peer, "reader", f"{s.name}:{s.tag}")
+                    ]
                 more = " (truncated)" if truncated else ""
                 log.debug("catalog list %r for %s: %d models%s", glob, peer, len(summaries), more)
                 return ModelList(rid, tuple(summaries), truncated)
@@ -381,6 +406,31 @@ class CatalogServer:
                 log.debug("catalog get-manifest %s for %s: %s", wanted, peer, digest)
                 return ManifestData(rid, digest, raw)
         raise AssertionError(f"unhandled request {request!r}")
+
+    def _refusal(self, request: Request, peer: str) -> str | None:
+        """Why ``peer`` may not have what ``request`` asks for (blocking), or None."""
+        access = self.access
+        assert access is not None
+        match request:
+            case GetVersions(name=name):
+                return access.model_refusal(peer, name)
+            case GetChunks(digest=digest):
+                return access.blob_refusal(peer, digest, "catalog")
+            case GetManifest(name_or_digest=wanted):
+                if wanted.startswith(("sha256:", "sha256-")):
+                    return access.manifest_refusal(peer, "sha256:" + wanted[7:])
+                return access.model_refusal(peer, wanted)
+        return None
+
+    async def admit(self, peer: str) -> ErrorReply | None:
+        """Pace one request of ``peer``; the final reply when it is over its limits."""
+        if self.limits is None:
+            return None
+        try:
+            await self.limits.request(peer)
+        except LimitExceeded as exc:
+            return ErrorReply(None, "refused", str(exc)[:MAX_ERROR_MESSAGE_LENGTH])
+        return None
 
 
 class _ServedStream:
@@ -437,6 +487,10 @@ class _ServedStream:
                 reply = ErrorReply(event.request_id, "bad-request", event.reason)
                 requests.start_soon(self._send, reply)
             elif isinstance(event, (ListModels, GetVersions, GetManifest, GetChunks)):
+                # Waits while the peer is over its request rate: we stop reading meanwhile.
+                refused = await self.server.admit(self.peer)
+                if refused is not None:
+                    return refused
                 requests.start_soon(self._serve, event)
             else:  # the machine only lets a client send requests
                 raise AssertionError(f"unexpected catalog event {event!r}")

@@ -433,6 +433,11 @@ class NodeUnreachable(CommandError):
     pass
 
 
+def api_headers(config: Config) -> dict[str, str]:
+    """The bearer token of ``[api] token`` / ``token_file``, when one is set."""
+    return {"authorization": f"Bearer {config.api.token}"} if config.api.token else {}
+
+
 def api_call(
     config: Config,
     method: str,
@@ -444,7 +449,10 @@ def api_call(
     url = f"http://{config.api.listen}{path}"
     data = json.dumps(body).encode() if body is not None else b"" if method == "POST" else None
     request = urllib.request.Request(
-        url, method=method, data=data, headers={"content-type": "application/json"}
+        url,
+        method=method,
+        data=data,
+        headers={"content-type": "application/json", **api_headers(config)},
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -566,13 +574,29 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_peers(args: argparse.Namespace, config: Config) -> int:
-    peers = api_call(config, "GET", "/api/peers")["peers"]
+    answer = api_call(config, "GET", "/api/peers")
+    peers = answer["peers"]
+    refused = answer.get("refused", [])
     if args.json:
-        emit_json({"peers": peers})
+        emit_json({"peers": peers, "refused": refused, "limits": answer.get("limits", {})})
         return EXIT_OK
     for peer in peers:
         print(peer["peer_id"])
     print(f"{len(peers)} peer(s) connected")
+    if refused:
+        print()
+        print_table(
+            [
+                (
+                    r["peer_id"],
+                    str(r["count"]),
+                    time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last"])),
+                    r["reason"],
+                )
+                for r in refused
+            ],
+            ("REFUSED PEER", "ATTEMPTS", "LAST", "REASON"),
+        )
     return EXIT_OK
 
 
@@ -609,7 +633,7 @@ def _api_stream(config: Config, path: str, body: dict[str, Any], what: str) -> A
         url,
         data=json.dumps(body).encode(),
         method="POST",
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **api_headers(config)},
     )
     try:
         return urllib.request.urlopen(request, timeout=600)
@@ -761,7 +785,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often the live view refreshes (default 1)",
     )
 
-    add("peers", cmd_peers, "peers the running node is connected to")
+    add(
+        "peers",
+        cmd_peers,
+        "peers the running node is connected to, and peers whose connections it refused",
+    )
 
     p = add("pull", cmd_pull, "pull a model from the peers that hold it (resumes if interrupted)")
     p.add_argument("name", metavar="NAME[:TAG]")

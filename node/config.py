@@ -7,6 +7,7 @@ and the key, so the CLI can print it and exit 2.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import math
 import os
@@ -27,15 +28,21 @@ import multiaddr
 import multihash  # type: ignore[import-untyped]  # ships no type hints
 
 __all__ = [
+    "ACCESS_KEYS",
     "CHUNK_SIZE_MAX",
     "CHUNK_SIZE_MIN",
     "CONFIG_ENV",
     "KNOWN_KEYS",
+    "ROLES",
+    "AccessConfig",
+    "AccessRule",
     "ApiConfig",
+    "AuditConfig",
     "Compression",
     "Config",
     "ConfigError",
     "HooksConfig",
+    "LimitsConfig",
     "MetricsConfig",
     "NetworkConfig",
     "NodeConfig",
@@ -102,7 +109,7 @@ KNOWN_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "policy_enforcement_interval",
         ),
         "network": ("listen", "bootstrap", "mdns", "allowlist"),
-        "api": ("listen", "upstream", "upstream_registry"),
+        "api": ("listen", "upstream", "upstream_registry", "token", "token_file"),
         "metrics": ("enabled", "interval"),
         "hooks": (
             "timeout",
@@ -115,8 +122,30 @@ KNOWN_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "on-conflict",
             "on-replica-change",
         ),
+        "limits": (
+            "peer_requests",
+            "requests",
+            "peer_upload_rate",
+            "peer_download_rate",
+            "download_rate",
+            "peer_streams",
+            "streams",
+            "max_wantlist",
+            "disconnect_after",
+            "max_violations",
+            "ban_for",
+            "max_peers_tracked",
+        ),
+        "audit": ("enabled", "path", "max_size", "keep"),
     }
 )
+
+# ``[[access]]`` rules: an array of tables, so not a section of KNOWN_KEYS. node.toml shows
+# one in a comment: with no rule at all every peer may do everything.
+ACCESS_KEYS: Final = ("peers", "models", "roles")
+ROLES: Final = ("reader", "replicator", "publisher")
+# An API token shorter than this is refused: it is the only thing guarding the API.
+_MIN_TOKEN_LENGTH: Final = 16
 
 
 class ConfigError(ValueError):
@@ -188,6 +217,9 @@ class ApiConfig:
     port: int
     upstream: str | None  # base URL of a real Ollama, no trailing slash
     upstream_registry: str  # host[:port] or http(s)://host[:port]; "" = no fallback
+    # Bearer token every request but GET / and /api/version must carry; None = no auth
+    # (loopback only). Kept out of repr so it never reaches a log line.
+    token: str | None = field(default=None, repr=False)
 
     @property
     def upstream_registry_url(self) -> str | None:
@@ -215,6 +247,41 @@ class HooksConfig:
     timeout: float
     # event -> shell commands, in order; read-only, excluded from hashing like node.tags.
     commands: Mapping[str, tuple[str, ...]] = field(hash=False)
+class AccessRule:
+    """Grants ``roles`` on models matching ``models`` (a glob) to ``peers`` ("*" = any)."""
+
+    peers: tuple[str, ...]
+    models: str
+    roles: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class AccessConfig:
+    rules: tuple[AccessRule, ...] = ()  # empty = every peer may do everything
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    peer_requests: float  # requests/s per peer (catalog + blocks + new streams)
+    requests: float  # requests/s over all peers
+    peer_upload_rate: int  # bytes/s, 0 = unlimited (total: storage.upload_rate_limit)
+    peer_download_rate: int
+    download_rate: int
+    peer_streams: int  # concurrent inbound streams per peer
+    streams: int  # concurrent inbound streams over all peers
+    max_wantlist: int  # outstanding block requests per stream
+    disconnect_after: float  # seconds continuously over the request rate
+    max_violations: int  # refused or malformed requests before a disconnect
+    ban_for: float
+    max_peers_tracked: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditConfig:
+    enabled: bool
+    path: Path
+    max_size: int
+    keep: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +295,9 @@ class Config:
     api: ApiConfig
     metrics: MetricsConfig
     hooks: HooksConfig
+    limits: LimitsConfig
+    audit: AuditConfig
+    access: AccessConfig = AccessConfig()
 
 
 # --- value parsers (usable on their own; raise ValueError with a message) ---------------------
@@ -432,8 +502,11 @@ class _Loader:
         return ConfigError(self.source, key, problem)
 
     def check_schema(self) -> None:
-        sections = tuple(KNOWN_KEYS)
+        sections = (*KNOWN_KEYS, "access")
         for name, table in self.doc.items():
+            if name == "access":
+                self.check_access_schema(table)
+                continue
             if name not in KNOWN_KEYS:
                 if not isinstance(table, dict):
                     raise self.error(
@@ -446,6 +519,18 @@ class _Loader:
                 if key not in KNOWN_KEYS[name]:
                     raise self.error(
                         f"{name}.{key}", "unknown key" + _suggest(key, KNOWN_KEYS[name])
+                    )
+
+    def check_access_schema(self, rules: Any) -> None:
+        if not isinstance(rules, list):
+            raise self.error("access", "must be an array of tables: write each rule as [[access]]")
+        for i, rule in enumerate(rules):
+            if not isinstance(rule, dict):
+                raise self.error(f"access[{i}]", "must be a table: write each rule as [[access]]")
+            for key in rule:
+                if key not in ACCESS_KEYS:
+                    raise self.error(
+                        f"access[{i}].{key}", "unknown key" + _suggest(key, ACCESS_KEYS)
                     )
 
     def raw(self, key: str) -> Any:
@@ -724,6 +809,7 @@ class _Loader:
             port=port,
             upstream=upstream.rstrip("/") or None,
             upstream_registry=registry,
+            token=self.api_token(host),
         )
 
     def metrics(self) -> MetricsConfig:
@@ -743,6 +829,129 @@ class _Loader:
             commands=MappingProxyType(commands),
         )
 
+    def access(self) -> AccessConfig:
+        rules: list[AccessRule] = []
+        for i, table in enumerate(self.doc.get("access", [])):
+            where = f"access[{i}]"
+            peers = table.get("peers", _MISSING)
+            if not isinstance(peers, list) or not peers:
+                raise self.error(f"{where}.peers", 'must be a non-empty array of peer ids or "*"')
+            for j, peer in enumerate(peers):
+                if peer == "*":
+                    continue
+                if not isinstance(peer, str):
+                    raise self.error(
+                        f"{where}.peers[{j}]", f"expected a string, got {_quote(peer)}"
+                    )
+                try:
+                    validate_peer_id(peer)
+                except ValueError as exc:
+                    raise self.error(f"{where}.peers[{j}]", str(exc)) from None
+            models = table.get("models", "*")
+            if not isinstance(models, str) or not models or len(models) > 256:
+                raise self.error(
+                    f"{where}.models", 'must be a glob of 1..256 characters, e.g. "llama*"'
+                )
+            roles = table.get("roles", _MISSING)
+            if not isinstance(roles, list) or not roles:
+                raise self.error(
+                    f"{where}.roles", f"must be a non-empty array of: {', '.join(ROLES)}"
+                )
+            for j, role in enumerate(roles):
+                if role not in ROLES:
+                    raise self.error(
+                        f"{where}.roles[{j}]",
+                        f"{_quote(role)} is not a role (one of: {', '.join(ROLES)})",
+                    )
+            rules.append(AccessRule(tuple(peers), models, frozenset(roles)))
+        return AccessConfig(tuple(rules))
+
+    def rate(self, key: str, default: float) -> float:
+        value = self.typed(key, (int, float), "a number")
+        if value is _MISSING:
+            return default
+        if not math.isfinite(value) or value <= 0:
+            raise self.error(key, f"{_quote(value)} must be a positive number")
+        return float(value)
+
+    def limits(self) -> LimitsConfig:
+        peer_requests = self.rate("limits.peer_requests", 1000.0)
+        requests = self.rate("limits.requests", 5000.0)
+        if requests < peer_requests:
+            raise self.error(
+                "limits.requests", f"{requests:g} is below limits.peer_requests ({peer_requests:g})"
+            )
+        peer_streams = self.integer("limits.peer_streams", 32, minimum=1)
+        streams = self.integer("limits.streams", 1024, minimum=1)
+        if streams < peer_streams:
+            raise self.error(
+                "limits.streams", f"{streams} is below limits.peer_streams ({peer_streams})"
+            )
+        rates = {}
+        for key in ("peer_upload_rate", "peer_download_rate", "download_rate"):
+            rate = self.size(f"limits.{key}", "0")
+            # A 2 MiB block must pass within the 30 s write timeout.
+            if 0 < rate < 128 * KiB:
+                raise self.error(f"limits.{key}", f"{format_size(rate)} is below 128KiB (or 0)")
+            rates[key] = rate
+        return LimitsConfig(
+            peer_requests=peer_requests,
+            requests=requests,
+            peer_upload_rate=rates["peer_upload_rate"],
+            peer_download_rate=rates["peer_download_rate"],
+            download_rate=rates["download_rate"],
+            peer_streams=peer_streams,
+            streams=streams,
+            max_wantlist=self.integer("limits.max_wantlist", 64, minimum=1),
+            disconnect_after=self.duration("limits.disconnect_after", "10s", positive=True),
+            max_violations=self.integer("limits.max_violations", 10, minimum=1),
+            ban_for=self.duration("limits.ban_for", "10m", positive=True),
+            max_peers_tracked=self.integer("limits.max_peers_tracked", 4096, minimum=16),
+        )
+
+    def audit(self, data_dir: Path) -> AuditConfig:
+        max_size = self.size("audit.max_size", "10MiB")
+        if max_size < 4 * KiB:
+            raise self.error("audit.max_size", f"{format_size(max_size)} is below 4KiB")
+        return AuditConfig(
+            enabled=self.boolean("audit.enabled", True),
+            path=self.path("audit.path", lambda: data_dir / "audit.log"),
+            max_size=max_size,
+            keep=self.integer("audit.keep", 5, minimum=1),
+        )
+
+    def api_token(self, host: str) -> str | None:
+        token = self.string("api.token", "")
+        token_file = self.path("api.token_file", lambda: Path())
+        if token and token_file != Path():
+            raise self.error("api.token_file", "set api.token or api.token_file, not both")
+        key = "api.token"
+        if token_file != Path():
+            key = "api.token_file"
+            try:
+                token = token_file.read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                reason = getattr(exc, "strerror", None) or exc
+                raise self.error(key, f"cannot read {token_file}: {reason}") from None
+            if not token:
+                raise self.error(key, f"{token_file} is empty")
+        if token:
+            # Never echo the token itself.
+            if len(token) < _MIN_TOKEN_LENGTH or not token.isprintable() or " " in token:
+                raise self.error(
+                    key,
+                    f"the token must be at least {_MIN_TOKEN_LENGTH} printable characters"
+                    " without spaces",
+                )
+            return token
+        if not _is_loopback(host):
+            raise self.error(
+                "api.listen",
+                f"{host} is not a loopback address: set api.token or api.token_file"
+                " (e.g. the output of `openssl rand -hex 32`)",
+            )
+        return None
+
     def load(self, path: Path | None) -> Config:
         self.check_schema()
         node = self.node()
@@ -756,7 +965,19 @@ class _Loader:
             api=self.api(),
             metrics=self.metrics(),
             hooks=self.hooks(),
+            limits=self.limits(),
+            audit=self.audit(node.data_dir),
+            access=self.access(),
         )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def default_node_name() -> str:

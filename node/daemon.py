@@ -19,9 +19,11 @@ from typing import Any
 
 import trio
 
+from node.acl import Acl, StoreAccess
 from node.activity import Activity
 from node.announce import Announcer
 from node.api import build_router
+from node.audit import AuditLog
 from node.catalog_service import (
     CATALOG_PROTOCOL,
     CatalogServer,
@@ -33,6 +35,7 @@ from node.dht import Dht
 from node.hooks import HookError, HookFn, Hooks
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
+from node.limits import Limits
 from node.live_chunks import LiveChunks
 from node.local import open_store
 from node.mdns import MdnsDiscovery
@@ -43,7 +46,7 @@ from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
-from protocols.records import Announcement, VersionRecord
+from protocols.records import VERSION_KEY_PREFIX, Announcement, VersionRecord
 from storage.manifest import Manifest
 from storage.names import ModelName, parse_model_name
 from storage.store import ModelStore
@@ -98,16 +101,35 @@ class FindEntry:
 
 class Node:
     def __init__(
-        self, config: Config, identity: Identity, store: ModelStore, host: P2PHost
+        self,
+        config: Config,
+        identity: Identity,
+        store: ModelStore,
+        host: P2PHost,
+        *,
+        audit: AuditLog | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.config = config
         self.identity = identity
         self.store = store
         self.host = host
-        self.book = VersionBook(store.db, identity)
-        self.dht = Dht(host)
-        self.announcer = Announcer(host, self._on_announcement)
-        self.catalog = CatalogServer(StoreCatalogSource(store, self.book))
+        # Security (README "Security"): `audit.record(...)` for anything worth an audit
+        # line; `acl.allowed(peer, role, model)` for access decisions; `limits.guard` for
+        # every inbound dmm protocol handler.
+        self.audit = audit if audit is not None else AuditLog(None)
+        self.limits = limits if limits is not None else Limits(config.limits, audit=self.audit)
+        self.acl = Acl(config.access.rules, self_peer=host.peer_id)
+        self.access = None if self.acl.open else StoreAccess(self.acl, store, self.audit)
+        host.meter = self.limits
+        self.book = VersionBook(store.db, identity, self.acl)
+        self.dht = Dht(host, acl=self.acl, on_rejected=self._dht_record_rejected)
+        self.announcer = Announcer(
+            host, self._on_announcement, acl=self.acl, on_rejected=self._gossip_record_rejected
+        )
+        self.catalog = CatalogServer(
+            StoreCatalogSource(store, self.book), limits=self.limits, access=self.access
+        )
         self.scores = PeerScores()
         self.live_chunks = LiveChunks()
         self.provider = BlockProvider(
@@ -116,6 +138,9 @@ class Node:
             upload_slots=config.storage.upload_slots,
             rate_limit=config.storage.upload_rate_limit,
             live=self.live_chunks,
+            max_wantlist=config.limits.max_wantlist,
+            limits=self.limits,
+            access=self.access,
         )
         self.metrics = PerformanceMonitor(self, interval=config.metrics.interval)
         self.activity = Activity()
@@ -144,14 +169,19 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.run)
             await nursery.start(self.announcer.run)
-            self.host.set_stream_handler(CATALOG_PROTOCOL, self.catalog.handle)
-            self.host.set_stream_handler(BLOCKS_PROTOCOL, self.provider.handle)
+            guard = self.limits.guard
+            self.host.set_stream_handler(
+                CATALOG_PROTOCOL, guard(CATALOG_PROTOCOL, self.catalog.handle)
+            )
+            self.host.set_stream_handler(
+                BLOCKS_PROTOCOL, guard(BLOCKS_PROTOCOL, self.provider.handle)
+            )
             self._nursery = nursery
             api = self.config.api
+            router = build_router(self)
+            router.require_token(api.token, self._api_refused)
             self.api_urls = await nursery.start(
-                functools.partial(
-                    serve_http, build_router(self), api.host, api.port, shutdown=self.shutdown
-                )
+                functools.partial(serve_http, router, api.host, api.port, shutdown=self.shutdown)
             )
             for addr in self.config.network.bootstrap:
                 nursery.start_soon(self._keep_connected, addr)
@@ -239,6 +269,7 @@ class Node:
                 records.append(await self._publish(entry.name, entry.digest, entry.manifest))
             removed = [name for name in self._published if name not in current]
             for name in removed:
+                self.audit.record("delete", model=name, version=self._published[name])
                 del self._published[name]
                 model = parse_model_name(name)
                 if not any(
@@ -332,13 +363,22 @@ class Node:
         tid, tracked = self.activity.track(name, emit)
         try:
             result = await pull_model(self, name, tracked)
-        except PullError as exc:
-            self.metrics.pull_done("failed")
-            self.activity.event("pull-failed", str(exc), model=name)
-            await self.hooks.fire("post-pull", model.display, status="error", error=str(exc))
+        except Exception as exc:  # whatever ended it, the audit says so; the caller handles it
+            self.audit.record("pull", model=name, outcome="failed", reason=str(exc) or repr(exc))
+            if isinstance(exc, PullError):
+                self.metrics.pull_done("failed")
+                self.activity.event("pull-failed", str(exc), model=name)
+                await self.hooks.fire("post-pull", model.display, status="error", error=str(exc))
             raise
         finally:
             self.activity.finish(tid)
+        self.audit.record(
+            "pull",
+            peer=",".join(result.get("peers", [])) or None,
+            model=result["model"],
+            version=result.get("version"),
+            reason="already complete" if result["already_complete"] else None,
+        )
         if result.get("already_complete"):
             self.metrics.pull_done("already-complete")
         else:
@@ -385,6 +425,38 @@ class Node:
         await self.hooks.fire("post-delete", display, digest=stored.digest)
         return stored.digest
 
+    # --- security callbacks -------------------------------------------------------------
+
+    def _dht_record_rejected(self, key: str, record: VersionRecord | None, reason: str) -> None:
+        # The validator does not know which peer sent the value: the author stands in.
+        log.info("DHT value for %s refused: %s", key[:100], reason)
+        self.audit.record(
+            "record",
+            peer=None if record is None else record.author,
+            model=key.removeprefix(VERSION_KEY_PREFIX)[:255] if record is None else record.name,
+            version=None if record is None else record.version_id.hex(),
+            outcome="refused",
+            reason=f"dht: {reason}",
+        )
+
+    def _gossip_record_rejected(
+        self, origin: str, record: VersionRecord | None, reason: str
+    ) -> None:
+        self.audit.record(
+            "record",
+            peer=origin,
+            model=None if record is None else record.name,
+            version=None if record is None else record.version_id.hex(),
+            outcome="refused",
+            reason=f"gossip: {reason}",
+        )
+
+    def _api_refused(self, client: str, method: str, path: str) -> None:
+        log.info("API request %s %s from %s refused: no valid token", method, path, client)
+        self.audit.record(
+            "api", peer=client, outcome="refused", reason=f"{method} {path}: no valid token"
+        )
+
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""
         return {key: set(holders) for key, holders in self._gossip.items()}
@@ -393,6 +465,10 @@ class Node:
 
     def peers(self) -> list[dict[str, Any]]:
         return [{"peer_id": p, "connected": True} for p in sorted(self.host.connected_peers())]
+
+    def refused_peers(self) -> list[dict[str, Any]]:
+        """Peers whose connections or streams were refused: count, first, last, reason."""
+        return self.limits.refusals()
 
     async def status(self) -> dict[str, Any]:
         models = await trio.to_thread.run_sync(self.store.list_models)
@@ -502,20 +578,50 @@ async def open_node(config: Config, *, identity: Identity | None = None) -> Asyn
     if identity is None:
         identity = await trio.to_thread.run_sync(load_or_create_identity, config.node.data_dir)
     store = await trio.to_thread.run_sync(open_store, config)
+    audit_config = config.audit
+    audit = AuditLog(
+        audit_config.path if audit_config.enabled else None,
+        max_size=audit_config.max_size,
+        keep=audit_config.keep,
+    )
+    limits = Limits(config.limits, audit=audit)
     try:
         allowlist = frozenset(config.network.allowlist) or None
-        async with (
-            open_host(identity.key_pair, list(config.network.listen), allowlist=allowlist) as host,
-            trio.open_nursery() as nursery,
-        ):
-            node = Node(config, identity, store, host)
-            await nursery.start(node.run)
-            try:
-                yield node
-            finally:
-                node.shutdown.set()
+        async with trio.open_nursery() as outer:
+            # Started first and stopped last, so every refusal on the way down is written.
+            await outer.start(audit.run)
+            async with (
+                open_host(
+                    identity.key_pair,
+                    list(config.network.listen),
+                    allowlist=allowlist,
+                    gate=limits.ban_reason,
+                    on_refused=limits.refused,
+                ) as host,
+                trio.open_nursery() as nursery,
+            ):
+                limits.disconnect = _disconnector(host)
+                await nursery.start(limits.run)
+                node = Node(config, identity, store, host, audit=audit, limits=limits)
+                await nursery.start(node.run)
+                try:
+                    yield node
+                finally:
+                    node.shutdown.set()
+                    nursery.cancel_scope.cancel()
+            outer.cancel_scope.cancel()
     finally:
         store.close()
+
+
+def _disconnector(host: P2PHost) -> Callable[[str], Awaitable[None]]:
+    async def disconnect(peer: str) -> None:
+        try:
+            await host.disconnect(peer)
+        except Exception as exc:  # already gone, or the library failing: either way, done
+            log.debug("disconnecting %s: %r", peer, exc)
+
+    return disconnect
 
 
 __all__ = ["FindEntry", "Node", "open_node"]

@@ -40,6 +40,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from node.acl import Acl
 from protocols.errors import LocalProtocolError, RemoteProtocolError
 from protocols.records import (
     VersionRecord,
@@ -115,13 +116,32 @@ class DhtStats:
 
 
 class _VersionRecordValidator(Validator):
-    """The library's validator for the ``dmm`` namespace: version records only."""
+    """The library's validator for the ``dmm`` namespace: version records only, and with
+    an ACL only those whose author holds the publisher role for the model."""
+
+    def __init__(
+        self,
+        acl: Acl | None = None,
+        on_rejected: Callable[[VersionRecord, str], None] | None = None,
+    ) -> None:
+        self._acl = acl
+        self._on_rejected = on_rejected
 
     def validate(self, key: str, value: bytes) -> None:
         try:
-            validate_record_key(key, value)
+            record = validate_record_key(key, value)
         except RemoteProtocolError as exc:
+            self._rejected(key, None, str(exc))
             raise ValueError(str(exc)) from None
+        if self._acl is not None:
+            refusal = self._acl.publish_refusal(record)
+            if refusal is not None:
+                self._rejected(key, record, refusal)
+                raise ValueError(refusal)
+
+    def _rejected(self, key: str, record: VersionRecord | None, reason: str) -> None:
+        if self._on_rejected is not None:
+            self._on_rejected(key, record, reason)
 
     def select(self, key: str, values: list[bytes]) -> int:
         return select_newest_value(key, values)
@@ -161,7 +181,11 @@ class Dht:
         reput_interval: float = DEFAULT_REPUT_INTERVAL,
         provide_rate: float = DEFAULT_PROVIDE_RATE,
         provide_burst: int = DEFAULT_PROVIDE_BURST,
+        acl: Acl | None = None,
+        on_rejected: Callable[[str, VersionRecord | None, str], None] | None = None,
     ) -> None:
+        """``on_rejected(key, record or None, reason)`` hears of every value refused by the
+        validator (invalid, or its author may not publish it under ``acl``)."""
         if not 0 < reprovide_interval < PROVIDER_RECORD_TTL:
             raise ValueError("reprovide_interval must be between 0 and the provider TTL")
         if not 0 < reput_interval < VALUE_RECORD_TTL:
@@ -174,7 +198,7 @@ class Dht:
                 f"{KAD_ADD_PROVIDER_WINDOW:g} s from one peer: lower the rate or burst"
             )
         self._host = host
-        self._kad = KadDht(host, {NAMESPACE: _VersionRecordValidator()})
+        self._kad = KadDht(host, {NAMESPACE: _VersionRecordValidator(acl, on_rejected)})
         self._reprovide_interval = reprovide_interval
         self._reput_interval = reput_interval
         self._pacer = _Pacer(provide_rate, provide_burst)

@@ -7,6 +7,7 @@ handler can reach the node's state directly. Handlers take a ``Request`` and ret
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -140,6 +141,14 @@ def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+# Told of each request refused for want of a token: (client address, method, path).
+OnUnauthorized = Callable[[str, str, str], None]
+
+# Answered without a token even when one is required: Ollama clients probe "/" to see that
+# a server is up, and the version says nothing about the node's data.
+PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset(
+    {("GET", "/"), ("HEAD", "/"), ("GET", "/api/version"), ("HEAD", "/api/version")}
+)
 
 
 class Router:
@@ -147,6 +156,24 @@ class Router:
 
     def __init__(self) -> None:
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._token: bytes | None = None
+        self._on_unauthorized: OnUnauthorized | None = None
+
+    def require_token(
+        self, token: str | None, on_unauthorized: OnUnauthorized | None = None
+    ) -> None:
+        """Require ``Authorization: Bearer <token>`` on every request but `PUBLIC_ROUTES`
+        (None = no token needed). Tokens are compared in constant time."""
+        self._token = None if token is None else token.encode()
+        self._on_unauthorized = on_unauthorized
+
+    def _authorized(self, method: str, path: str, headers: dict[str, str]) -> bool:
+        if self._token is None or (method, path) in PUBLIC_ROUTES:
+            return True
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(given.strip().encode(), self._token)
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         regex = re.sub(r"\{(\w+):path\}", r"(?P<\1>.+)", pattern)
@@ -189,6 +216,14 @@ class Router:
             _receive=receive,
             query_string=scope.get("query_string", b"").decode("latin-1"),
         )
+        if not self._authorized(method, request.path, request.headers):
+            if self._on_unauthorized is not None:
+                client = scope.get("client") or ("?", 0)
+                self._on_unauthorized(f"{client[0]}:{client[1]}", method, request.path)
+            response = error_response(401, "unauthorized: send Authorization: Bearer <token>")
+            response.headers.append(("www-authenticate", 'Bearer realm="dmm"'))
+            await _send_response(send, response, head=method == "HEAD")
+            return
         try:
             handler, request.params = self.resolve(method, request.path)
             response = await handler(request)

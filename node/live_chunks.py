@@ -10,8 +10,13 @@ complete blob in the store holds them. Used from worker threads: guarded by a lo
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 from storage.partial import PartialBlob
+
+
+def _any_blob(digest: str) -> bool:
+    return True
 
 
 class LiveChunks:
@@ -39,13 +44,23 @@ class LiveChunks:
         with self._lock:
             return list(self._where.get(chunk_id, ()))
 
-    def holds(self, chunk_id: bytes) -> bool:
-        return any(blob.is_done(index) for blob, index in self._places(chunk_id))
+    def holds(self, chunk_id: bytes, allowed: Callable[[str], bool] = _any_blob) -> bool:
+        """Whether a partial of a blob ``allowed(digest)`` accepts has the chunk written."""
+        return any(
+            blob.is_done(index) and allowed(blob.digest) for blob, index in self._places(chunk_id)
+        )
 
-    def read(self, chunk_id: bytes, out: memoryview) -> bool:
-        """Fill ``out`` with the chunk from a partial that has it; False if none does."""
+    def read(
+        self, chunk_id: bytes, out: memoryview, allowed: Callable[[str], bool] = _any_blob
+    ) -> bool:
+        """Fill ``out`` with the chunk from a partial (of a blob ``allowed(digest)``
+        accepts) that has it; False if none does."""
         for blob, index in self._places(chunk_id):
-            if blob.chunks[index].length == len(out) and blob.read_chunk(index, out):
+            if (
+                blob.chunks[index].length == len(out)
+                and allowed(blob.digest)
+                and blob.read_chunk(index, out)
+            ):
                 return True
         return False
 

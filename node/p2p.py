@@ -99,7 +99,7 @@ from collections.abc import (
 )
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import trio
 from libp2p.abc import IHost, IMuxedConn, INetStream, IRawConnection, ISecureConn
@@ -159,12 +159,15 @@ __all__ = [
     "NOISE_PROTOCOL_ID",
     "YAMUX_FRAME_BYTES",
     "YAMUX_PROTOCOL_ID",
+    "ConnectionGate",
     "DialError",
     "KadDht",
+    "OnRefused",
     "P2PError",
     "P2PHost",
     "Stream",
     "StreamHandler",
+    "StreamMeter",
     "StreamRefused",
     "configure_libp2p_logging",
     "open_host",
@@ -371,20 +374,42 @@ class _Upgrader(TransportUpgrader):
 # --- security and swarm (defects 1, 3, 8, allowlist) -------------------------------------
 
 
-class _Noise(NoiseTransport):
-    """Noise that refuses inbound connections from peers outside the allowlist."""
+# Called with (peer id, "connect" or "stream", reason) for each refusal.
+OnRefused = Callable[[str, str, str], None]
+# Called with a peer id once its Noise handshake proves it: a reason to refuse, or None.
+ConnectionGate = Callable[[str], str | None]
 
-    def __init__(self, key_pair: KeyPair, allowlist: frozenset[str] | None) -> None:
+
+class _Noise(NoiseTransport):
+    """Noise that refuses inbound connections from peers outside the allowlist, or that
+    the gate refuses, as soon as the handshake proves who they are: before the muxer is
+    negotiated, so no stream, and no protocol handler, ever exists for them."""
+
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        allowlist: frozenset[str] | None,
+        gate: ConnectionGate | None = None,
+        on_refused: OnRefused | None = None,
+    ) -> None:
         super().__init__(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         self._allowlist = allowlist
+        self._gate = gate
+        self._on_refused = on_refused
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
         secure_conn = await super().secure_inbound(conn)
-        if self._allowlist is not None:
-            peer = str(secure_conn.get_remote_peer())
-            if peer not in self._allowlist:
-                await secure_conn.close()
-                raise HandshakeFailure(f"peer {peer} is not in the allowlist")
+        peer = str(secure_conn.get_remote_peer())
+        reason = None
+        if self._allowlist is not None and peer not in self._allowlist:
+            reason = "not in the allowlist"
+        elif self._gate is not None:
+            reason = self._gate(peer)
+        if reason is not None:
+            await secure_conn.close()
+            if self._on_refused is not None:
+                self._on_refused(peer, "connect", reason)
+            raise HandshakeFailure(f"peer {peer} refused: {reason}")
         return secure_conn
 
 
@@ -398,11 +423,13 @@ class _Swarm(Swarm):
         upgrader: TransportUpgrader,
         *,
         allowlist: frozenset[str] | None,
+        on_refused: OnRefused | None = None,
     ) -> None:
         super().__init__(
             peer_id, peerstore, upgrader, transports=[TCP()], connection_config=CONNECTION_CONFIG
         )
         self._allowlist = allowlist
+        self._on_refused = on_refused
 
     async def _do_handle_inbound_connection(
         self, read_write_closer: ReadWriteCloser, maddr: Multiaddr, failure_event: Any
@@ -432,6 +459,8 @@ class _Swarm(Swarm):
             peer = str(net_stream.muxed_conn.peer_id)
             if peer not in allowlist:
                 log.debug("refused a stream from %s: not in the allowlist", peer)
+                if self._on_refused is not None:
+                    self._on_refused(peer, "stream", "not in the allowlist")
                 await net_stream.reset()
                 return
             await stream_handler(net_stream)
@@ -443,18 +472,40 @@ class _Swarm(Swarm):
         self._negative_peer_cache.evict(str(peer_id))
 
 
-def _build_host(key_pair: KeyPair, allowlist: frozenset[str] | None) -> BasicHost:
+def _build_host(
+    key_pair: KeyPair,
+    allowlist: frozenset[str] | None,
+    gate: ConnectionGate | None = None,
+    on_refused: OnRefused | None = None,
+) -> BasicHost:
     peer_id = ID.from_pubkey(key_pair.public_key)
     peerstore = PeerStore()
     peerstore.add_key_pair(peer_id, key_pair)
     # Defect 1: Noise is the only security transport offered or accepted.
-    security: TSecurityOptions = {NOISE_PROTOCOL_ID: _Noise(key_pair, allowlist)}
+    security: TSecurityOptions = {NOISE_PROTOCOL_ID: _Noise(key_pair, allowlist, gate, on_refused)}
     muxers: TMuxerOptions = {TProtocol(YAMUX_PROTOCOL_ID): _Yamux}
-    swarm = _Swarm(peer_id, peerstore, _Upgrader(security, muxers), allowlist=allowlist)
+    swarm = _Swarm(
+        peer_id,
+        peerstore,
+        _Upgrader(security, muxers),
+        allowlist=allowlist,
+        on_refused=on_refused,
+    )
     return BasicHost(network=swarm, resource_manager=new_resource_manager())
 
 
 # --- streams (defects 5 and 6) --------------------------------------------------------
+
+
+class StreamMeter(Protocol):
+    """Byte accounting for every `Stream` of a host (rate limits): each may wait.
+
+    ``on_receive`` is called for bytes already read: it must not let a cancellation
+    through (shield its waits), or the caller would lose them."""
+
+    async def on_send(self, peer: str, nbytes: int) -> None: ...
+
+    async def on_receive(self, peer: str, nbytes: int) -> None: ...
 
 
 class Stream(trio.abc.HalfCloseableStream):
@@ -470,8 +521,9 @@ class Stream(trio.abc.HalfCloseableStream):
       `trio.BusyResourceError`.
     """
 
-    def __init__(self, net_stream: INetStream) -> None:
+    def __init__(self, net_stream: INetStream, meter: StreamMeter | None = None) -> None:
         self._net_stream = net_stream
+        self._meter = meter
         self.peer_id = str(net_stream.muxed_conn.peer_id)
         self.protocol = str(net_stream.get_protocol() or "")
         self._buffer = bytearray()
@@ -514,6 +566,8 @@ class Stream(trio.abc.HalfCloseableStream):
             self._check_open()
             if self._eof_sent:
                 raise trio.ClosedResourceError("send_eof() was called")
+            if self._meter is not None:
+                await self._meter.on_send(self.peer_id, len(data))
             async with self._write_lock:
                 self._check_open()
                 if not self._buffer and len(data) >= COALESCE_BYTES:
@@ -560,6 +614,8 @@ class Stream(trio.abc.HalfCloseableStream):
             except (BaseLibp2pError, OSError, trio.BrokenResourceError) as exc:
                 raise self._broken(exc) from exc
             self._check_open()
+            if self._meter is not None and data:
+                await self._meter.on_receive(self.peer_id, len(data))
             return data
         finally:
             self._receiving = False
@@ -624,6 +680,8 @@ class P2PHost:
     def __init__(self, host: BasicHost) -> None:
         self.host = host
         self._swarm: _Swarm = host.get_network()  # type: ignore[assignment]
+        # Set by the node to rate-limit every dmm stream's bytes; None = unmetered.
+        self.meter: StreamMeter | None = None
 
     @property
     def peer_id(self) -> str:
@@ -663,7 +721,7 @@ class P2PHost:
         """
 
         async def run(net_stream: INetStream) -> None:
-            stream = Stream(net_stream)
+            stream = Stream(net_stream, self.meter)
             try:
                 await handler(stream)
             except trio.BrokenResourceError as exc:
@@ -694,7 +752,7 @@ class P2PHost:
             net_stream = await self.host.new_stream(peer, [TProtocol(protocol_id)])
         except (BaseLibp2pError, OSError) as exc:
             raise StreamRefused(f"{peer_id} refused a {protocol_id} stream: {exc}") from exc
-        return Stream(net_stream)
+        return Stream(net_stream, self.meter)
 
     async def _close_connections(self) -> None:
         async with trio.open_nursery() as nursery:
@@ -732,18 +790,22 @@ async def open_host(
     listen_addrs: Iterable[str],
     *,
     allowlist: frozenset[str] | None = None,
+    gate: ConnectionGate | None = None,
+    on_refused: OnRefused | None = None,
 ) -> AsyncIterator[P2PHost]:
     """Run a Noise + Yamux TCP host listening on `listen_addrs` (port 0 picks a port).
 
     With an `allowlist` of peer ids, inbound connections and streams from other peers are
-    refused before any handler runs. Raises `OSError` if an address cannot be listened on.
+    refused before any handler runs; so are inbound connections of peers for which
+    `gate(peer_id)` gives a reason. Each refusal is reported to `on_refused(peer_id,
+    "connect" | "stream", reason)`. Raises `OSError` if an address cannot be listened on.
     On exit, connections get `_CLOSE_GRACE_SECONDS` to close, then everything is torn down.
     """
     configure_libp2p_logging()
     addrs = [Multiaddr(addr) for addr in listen_addrs]
     for addr in addrs:
         _check_port_free(addr)
-    host = _build_host(key_pair, allowlist)
+    host = _build_host(key_pair, allowlist, gate, on_refused)
     async with host.run(addrs):
         swarm = host.get_network()
         failed = [str(addr) for addr in addrs if str(addr) not in swarm.listeners]
@@ -1081,6 +1143,8 @@ _ORDINARY = re.compile(
             r"Stream entered",
             r"Failed to read DHT message from stream: $",  # the peer closed it (defect 18)
             r"Failed to store value at peer \S+: $",  # the peer refused the value
+            # Our validator refused a peer's value (an ACL refusal is audited by the node).
+            r"Failed to store value [0-9a-f]+ for key",
         ]
     )
 )

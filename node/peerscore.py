@@ -17,6 +17,8 @@ import trio
 log = logging.getLogger("dmm.peers")
 
 DEFAULT_BAN_AFTER = 3
+# Peers whose scores are kept; past this the oldest unbanned one is forgotten.
+MAX_PEERS_TRACKED = 4096
 DEFAULT_BAN_FOR = 600.0
 # Weight of the newest sample in the rate average: reacts within a few chunks.
 _RATE_ALPHA = 0.3
@@ -47,7 +49,20 @@ class PeerScores:
         return iter(list(self._scores.items()))
 
     def get(self, peer: str) -> PeerScore:
-        return self._scores.setdefault(peer, PeerScore())
+        score = self._scores.get(peer)
+        if score is None:
+            if len(self._scores) >= MAX_PEERS_TRACKED:
+                self._forget_one()
+            score = self._scores[peer] = PeerScore()
+        return score
+
+    def _forget_one(self) -> None:
+        now = trio.current_time()
+        for peer, score in self._scores.items():
+            if score.banned_until <= now:
+                del self._scores[peer]
+                return
+        del self._scores[next(iter(self._scores))]  # all banned: the oldest ban goes
 
     def good(self, peer: str, nbytes: int, seconds: float) -> None:
         score = self.get(peer)

@@ -38,6 +38,8 @@ from typing import TypeVar
 
 import trio
 
+from node.acl import StoreAccess
+from node.limits import LimitExceeded, Limits
 from node.live_chunks import LiveChunks
 from node.p2p import Stream
 from node.peerscore import PeerScores, TokenBucket
@@ -119,6 +121,8 @@ class BlockProvider:
         write_timeout: float = DEFAULT_WRITE_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         live: LiveChunks | None = None,
+        limits: Limits | None = None,
+        access: StoreAccess | None = None,
     ) -> None:
         if upload_slots < 1:
             raise ValueError("upload_slots must be at least 1")
@@ -133,6 +137,10 @@ class BlockProvider:
         self.max_wantlist = max_wantlist
         self.write_timeout = write_timeout
         self.idle_timeout = idle_timeout
+        # `limits` paces requests and counts refused ones; `access` serves a peer only chunks
+        # of blobs some model it may read references. None = neither.
+        self.limits = limits
+        self.access = access
         # The largest chunk the store's chunker makes: blocks up to that size are served.
         self.max_block = min(MAX_BLOCK_LIMIT, max(DEFAULT_MAX_BLOCK, store.params.max_size))
         self.stats = ProviderStats()
@@ -182,10 +190,24 @@ class BlockProvider:
 
     # ------------------------------------------------------------- disk (threads)
 
-    def _have(self, chunk_ids: tuple[bytes, ...]) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
-        """(held, not held): held when a blob in the store, or a verified chunk of a blob
-        still being fetched, holds the chunk."""
+    def _for_peer(self, peer: str) -> dict[str, str]:
+        # Only passed with an ACL, so subclasses overriding the one-argument forms of
+        # `_have` and `_load_block` (tests' stalling and corrupting providers) keep working.
+        return {} if self.access is None else {"peer": peer}
+
+    def _readable(self, peer: str | None) -> Callable[[str], bool]:
+        access = self.access
+        if access is None or peer is None:
+            return lambda blob: True
+        return lambda blob: access.may_read_blob(peer, blob)
+
+    def _have(
+        self, chunk_ids: tuple[bytes, ...], peer: str | None = None
+    ) -> tuple[tuple[bytes, ...], tuple[bytes, ...]]:
+        """(held, not held): held when a blob that is in the store, or a verified chunk of
+        a blob still being fetched, that ``peer`` may read, holds the chunk."""
         found = self.store.db.find_chunks(chunk_ids)
+        readable = self._readable(peer)
         present: dict[str, bool] = {}
         have: list[bytes] = []
         dont: list[bytes] = []
@@ -193,25 +215,33 @@ class BlockProvider:
             held = False
             for loc in found.get(chunk_id, ()):
                 if loc.blob not in present:
-                    present[loc.blob] = self.store.cas.location(loc.blob) is not None
+                    present[loc.blob] = self.store.cas.location(loc.blob) is not None and readable(
+                        loc.blob
+                    )
                 if present[loc.blob]:
                     held = True
                     break
             if not held and self.live is not None:
-                held = self.live.holds(chunk_id)
+                held = self.live.holds(chunk_id, readable)
             (have if held else dont).append(chunk_id)
         return tuple(have), tuple(dont)
 
-    def _load_block(self, want: WantBlock) -> bytearray | None:
+    def _load_block(self, want: WantBlock, peer: str | None = None) -> bytearray | None:
         """A buffer of ``MAX_BLOCK_PREFIX`` spare bytes then the chunk's bytes, checked
-        against its id; ``None`` when no blob here holds bytes that hash to it."""
+        against its id; ``None`` when no blob here (that ``peer`` may read) holds bytes
+        that hash to it."""
+        readable = self._readable(peer)
         buf = bytearray(MAX_BLOCK_PREFIX + want.length)
         data = memoryview(buf)[MAX_BLOCK_PREFIX:]
         named = (want.blob_digest, want.offset)
-        if self._read_at(want.blob_digest, want.offset, data) and verify_block(want.chunk_id, data):
+        if (
+            readable(want.blob_digest)
+            and self._read_at(want.blob_digest, want.offset, data)
+            and verify_block(want.chunk_id, data)
+        ):
             return buf
         for loc in self.store.db.find_chunk(want.chunk_id):
-            if loc.length != want.length:
+            if loc.length != want.length or not readable(loc.blob):
                 continue
             if (loc.blob, loc.offset) == named:
                 # The index says the named place holds it, and its bytes are something else.
@@ -222,7 +252,7 @@ class BlockProvider:
             if verify_block(want.chunk_id, data):
                 return buf
             self._corrupt(loc.blob, loc.offset, want.chunk_id)
-        if self.live is not None and self.live.read(want.chunk_id, data):
+        if self.live is not None and self.live.read(want.chunk_id, data, readable):
             if verify_block(want.chunk_id, data):
                 return buf
             self._corrupt(want.blob_digest, want.offset, want.chunk_id)
@@ -320,6 +350,8 @@ class _ServedStream:
                 reason = str(exc)[:MAX_ERROR_MESSAGE_LENGTH]
                 log.info("blocks peer %s broke the protocol: %s", self.peer, reason)
                 provider.scores.bad(self.peer, f"broke /dmm/blocks/1: {reason}")
+                if provider.limits is not None:
+                    provider.limits.violation(self.peer, f"blocks: {reason}")
                 return ErrorReply(None, "bad-request", reason)
             if event is NEED_DATA:
                 with trio.CancelScope() as scope:
@@ -338,6 +370,10 @@ class _ServedStream:
                 return None
             elif isinstance(event, BadRequest):
                 log.info("blocks peer %s: %s request: %s", self.peer, event.code, event.reason)
+                if provider.limits is not None and provider.limits.violation(
+                    self.peer, f"blocks: {event.reason}"
+                ):
+                    return ErrorReply(None, "refused", "over this node's limits: disconnected")
                 if event.request_id is None:
                     return event.error_reply()
                 work.start_soon(self._send, event.error_reply())
@@ -350,6 +386,12 @@ class _ServedStream:
                 if provider.scores.is_banned(self.peer):
                     log.info("ending the blocks stream of banned peer %s", self.peer)
                     return ErrorReply(None, "refused", "this peer is banned here")
+                if provider.limits is not None:
+                    # Waits while the peer is over its request rate: we stop reading.
+                    try:
+                        await provider.limits.request(self.peer)
+                    except LimitExceeded as exc:
+                        return ErrorReply(None, "refused", str(exc)[:MAX_ERROR_MESSAGE_LENGTH])
                 # Made here, not in the task, so a Cancel read before the task starts
                 # still reaches it.
                 task_scope = trio.CancelScope()
@@ -382,7 +424,9 @@ class _ServedStream:
     async def _serve_have(self, want: WantHave) -> None:
         provider = self.provider
         try:
-            have, dont = await provider.in_thread(partial(provider._have, want.chunk_ids))
+            have, dont = await provider.in_thread(
+                partial(provider._have, want.chunk_ids, **provider._for_peer(self.peer))
+            )
         except Exception as exc:  # the database failing must not end the node
             log.error("chunk lookup for %s failed: %r", self.peer, exc)
             await self._send(ErrorReply(want.request_id, "internal", "chunk lookup failed"))
@@ -392,9 +436,20 @@ class _ServedStream:
 
     async def _serve_block(self, want: WantBlock) -> None:
         provider = self.provider
+        if provider.access is not None:
+            refusal = await provider.in_thread(
+                partial(provider.access.blob_refusal, self.peer, want.blob_digest)
+            )
+            if refusal is not None:
+                await self._send(
+                    ErrorReply(want.request_id, "refused", refusal[:MAX_ERROR_MESSAGE_LENGTH])
+                )
+                return
         async with self.slots.semaphore:
             try:
-                buf = await provider.in_thread(partial(provider._load_block, want))
+                buf = await provider.in_thread(
+                    partial(provider._load_block, want, **provider._for_peer(self.peer))
+                )
             except Exception as exc:
                 log.error(
                     "reading chunk %s of %s for %s failed: %r",

@@ -97,7 +97,8 @@ async def newest_record(
     async with trio.open_nursery() as nursery:
         for peer in holders:
             nursery.start_soon(ask, peer)
-    candidates = [r for r in records.values() if has.get(r.version_id)]
+    # A record whose author may not publish this model ([[access]]) is not a candidate.
+    candidates = [r for r in records.values() if has.get(r.version_id) and node.acl.may_publish(r)]
     if not candidates:
         raise PullError(f"no reachable peer has {name.display}; try `dmm find '{name.model}*'`")
     await trio.to_thread.run_sync(node.book.accept_many, candidates)
@@ -148,7 +149,13 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
         record is None or (local is not None and local.digest == record.manifest_digest)
     ):
         await emit({"status": "success", "already_complete": True})
-        return {"model": name.display, "already_complete": True, "bytes_fetched": 0}
+        version = None if record is None else record.version_id.hex()
+        return {
+            "model": name.display,
+            "version": version,
+            "already_complete": True,
+            "bytes_fetched": 0,
+        }
     assert record is not None
     raw, manifest = await fetch_manifest(node, record.manifest_digest, serving)
     fetched = local_bytes = 0
@@ -184,6 +191,7 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     )
     return {
         "model": name.display,
+        "version": record.version_id.hex(),
         "already_complete": False,
         "bytes_fetched": fetched,
         "bytes_local": local_bytes,

@@ -18,6 +18,7 @@ from storage.db import MetadataDB, VersionRow
 from storage.names import ModelName
 
 if TYPE_CHECKING:  # libp2p is slow to import and only the node needs it at run time
+    from node.acl import Acl
     from node.identity import Identity
 
 _HLC_SETTING = "hlc"
@@ -27,12 +28,21 @@ def _wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-class VersionBook:
-    """Thread-safe: called from worker threads (CLI, store operations) and the node."""
+class RecordRejected(ValueError):
+    """A record this node refuses to keep: its author lacks the publisher role."""
 
-    def __init__(self, db: MetadataDB, identity: Identity) -> None:
+
+class VersionBook:
+    """Thread-safe: called from worker threads (CLI, store operations) and the node.
+
+    With an ``acl``, records from peers whose author lacks the publisher role for the model
+    are refused (``RecordRejected``); our own records never are.
+    """
+
+    def __init__(self, db: MetadataDB, identity: Identity, acl: Acl | None = None) -> None:
         self.db = db
         self.identity = identity
+        self.acl = acl
         self._lock = threading.Lock()
         self._clock = HybridClock(int(db.get_setting(_HLC_SETTING) or 0))
 
@@ -82,14 +92,28 @@ class VersionBook:
             return record
 
     def accept(self, record: VersionRecord) -> bool:
-        """Keep a verified record from a peer; False if it was already known."""
+        """Keep a verified record from a peer; False if it was already known.
+
+        Raises ``RecordRejected`` when the ACL does not let its author publish it.
+        """
+        if self.acl is not None:
+            refusal = self.acl.publish_refusal(record)
+            if refusal is not None:
+                raise RecordRejected(refusal)
         with self._lock:
             hlc = self._clock.observe(record.hlc, _wall_ms())
             self.db.set_setting(_HLC_SETTING, str(hlc))
             return self._store(record)
 
     def accept_many(self, records: Iterable[VersionRecord]) -> int:
-        return sum(1 for r in records if self.accept(r))
+        """Keep each acceptable record; rejected ones are skipped. How many were new."""
+        kept = 0
+        for record in records:
+            try:
+                kept += self.accept(record)
+            except RecordRejected:
+                continue
+        return kept
 
     def _store(self, record: VersionRecord) -> bool:
         return self.db.add_version(

@@ -77,7 +77,7 @@ async def test_http_api_reports_the_node(tmp_path: Path, make_model: MakeModel) 
             assert [m["name"] for m in tags] == ["demo:v1"]
             assert tags[0]["details"]["format"] == "gguf"
             assert (await client.get("/api/version")).json()["version"]
-            assert (await client.get("/api/peers")).json() == {"peers": []}
+            assert (await client.get("/api/peers")).json()["peers"] == []
             found = (await client.get("/api/find", params={"glob": "demo*"})).json()
             assert [m["name"] for m in found["models"]] == ["demo:v1"]
             missing = await client.get("/api/find")
