@@ -247,6 +247,9 @@ class HooksConfig:
     timeout: float
     # event -> shell commands, in order; read-only, excluded from hashing like node.tags.
     commands: Mapping[str, tuple[str, ...]] = field(hash=False)
+
+
+@dataclass(frozen=True, slots=True)
 class AccessRule:
     """Grants ``roles`` on models matching ``models`` (a glob) to ``peers`` ("*" = any)."""
 
