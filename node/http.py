@@ -77,6 +77,8 @@ class Request:
             data = json.loads(raw)
         except ValueError as exc:
             raise HTTPError(400, f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "invalid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         return data
