@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.http import HTTPError, Request, Response, Router, json_response, ndjson_response
-from node.pull import PullError
+from node.pull import PullDiskFull, PullError
 from storage.gguf import GGUFError, details
 from storage.names import InvalidName, parse_model_name
 
@@ -140,6 +140,8 @@ def build_router(node: Node) -> Router:
 
             try:
                 await node.pull(name, keep)
+            except PullDiskFull as exc:
+                raise HTTPError(507, str(exc)) from None  # Insufficient Storage
             except PullError as exc:
                 raise HTTPError(404 if "no reachable peer" in str(exc) else 500, str(exc)) from None
             return json_response(events[-1])
