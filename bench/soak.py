@@ -39,7 +39,7 @@ from storage.testmodels import generate_model
 FULL_CYCLES = 1000
 QUICK_CYCLES = 100
 # Peers churning at once, and how many cycles one identity lasts before a new one.
-WORKERS = 4
+WORKERS = 8
 CYCLES_PER_IDENTITY = 25
 # Cycles before the RSS baseline is taken: the first connections warm caches and pools.
 WARMUP_CYCLES = 50

@@ -8,6 +8,7 @@ Ollama). The node's: ``/api/health``, ``/api/status``, ``/api/peers``, ``/api/fi
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -119,6 +120,8 @@ def build_router(node: Node) -> Router:
             timeout = float(request.arg("timeout", "10") or 10)
         except ValueError:
             raise HTTPError(400, "timeout must be a number of seconds") from None
+        if math.isnan(timeout):  # float() takes "nan", and trio refuses a NaN deadline
+            raise HTTPError(400, "timeout must be a number of seconds")
         timeout = min(max(timeout, 0.1), MAX_FIND_TIMEOUT)
         return json_response(await node.find(glob, timeout=timeout))
 

@@ -1,4 +1,5 @@
-"""Fuzzing the HTTP API: arbitrary bodies through the node's ASGI router, no server.
+"""Fuzzing the HTTP API: arbitrary bodies and query strings through the node's ASGI
+router, no server.
 
 ``call_app`` plays an HTTP client towards the router itself (a fake ``receive`` that hands
 over the body in pieces, a ``send`` that collects the answer), so every handler and
@@ -15,6 +16,7 @@ runs in a worker thread and each example is sent back to the loop with
 from __future__ import annotations
 
 import json
+import urllib.parse
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -75,31 +77,56 @@ class HttpCase:
     body: bytes
     piece: int  # the body arrives in pieces of this size
     disconnect: bool  # the client goes away after sending the body
+    query: bytes = b""
 
 
-def body_routes(router: Router) -> list[tuple[str, str]]:
-    """(method, path) of every route that takes a body and has no path parameters.
+def body_routes(router: Router, *, methods: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """(method, path) of every route with no path parameters that takes a body (or, with
+    ``methods``, that has one of those methods).
 
     Read from the router itself, so routes added later are fuzzed without a change here.
     """
     routes = []
     for method, regex, _ in router._routes:
-        if method in ("GET", "HEAD") or regex.groups:
-            continue
-        routes.append((method, regex.pattern.rstrip("$")))
+        wanted = method in methods if methods else method not in ("GET", "HEAD")
+        if wanted and not regex.groups:
+            routes.append((method, regex.pattern.rstrip("$")))
     return routes
+
+
+_QUERY_KEYS = ["glob", "timeout", "model", "name", "limit"]
+QUERIES: st.SearchStrategy[bytes] = st.one_of(
+    st.binary(max_size=300),
+    st.lists(
+        st.tuples(
+            st.sampled_from(_QUERY_KEYS),
+            st.one_of(
+                st.text(max_size=300),
+                st.sampled_from(["*", "llama*", "[", "0", "-1", "1e999", "nan", "inf", "0.05"]),
+            ),
+        ),
+        max_size=4,
+    ).map(lambda pairs: urllib.parse.urlencode(pairs).encode()),
+    # A valid glob with each odd timeout: the number is the part most likely to break.
+    st.sampled_from(["", "0", "-1", "1e999", "-1e999", "nan", "NaN", "inf", "0x10", "1_0"]).map(
+        lambda t: f"glob=*&timeout={t}".encode()
+    ),
+)
 
 
 def cases(routes: list[tuple[str, str]]) -> st.SearchStrategy[HttpCase]:
     # A few unknown routes and wrong methods: the router's own refusals must hold too.
     targets = [*routes, ("POST", "/api/nope"), ("PUT", "/api/pull"), ("DELETE", "/")]
-    return st.builds(
-        HttpCase,
-        method=st.sampled_from([m for m, _ in targets]),
-        path=st.sampled_from([p for _, p in targets]),
-        body=BODIES,
-        piece=st.integers(1, 4096),
-        disconnect=st.booleans(),
+    return st.sampled_from(targets).flatmap(
+        lambda target: st.builds(
+            HttpCase,
+            method=st.just(target[0]),
+            path=st.just(target[1]),
+            body=BODIES if target[0] not in ("GET", "HEAD") else st.just(b""),
+            piece=st.integers(1, 4096),
+            disconnect=st.booleans(),
+            query=QUERIES,
+        )
     )
 
 
@@ -128,7 +155,7 @@ async def call_app(app: Router, case: HttpCase) -> tuple[int, bytes]:
         "type": "http",
         "method": case.method,
         "path": case.path,
-        "query_string": b"",
+        "query_string": case.query,
         "headers": [(b"content-type", b"application/json")],
     }
     try:
@@ -197,7 +224,7 @@ def run_http_fuzz(
         suppress_health_check=list(HealthCheck),
         print_blob=True,
     )
-    @given(cases(body_routes(app)))
+    @given(cases(body_routes(app) + body_routes(app, methods=("GET",))))
     def fuzz(case: HttpCase) -> None:
         try:
             status, _ = trio.from_thread.run(call_app, app, case)

@@ -38,3 +38,13 @@ async def test_deeply_nested_json_body_is_a_400(tmp_path: Path) -> None:
         async with open_node(node_config(tmp_path, "nested")) as node:
             status, body = await _answer(build_router(node), b"[" * 100_000)
     assert status == 400 and b"nested too deeply" in body
+
+
+async def test_find_with_a_nan_timeout_is_a_400(tmp_path: Path) -> None:
+    # Found by the fuzzer: float("nan") passed the clamp and trio refused the NaN deadline,
+    # answered as a 500 "internal error".
+    with trio.fail_after(60):
+        async with open_node(node_config(tmp_path, "nan")) as node:
+            case = HttpCase("GET", "/api/find", b"", 1, False, b"glob=*&timeout=nan")
+            status, body = await call_app(build_router(node), case)
+    assert status == 400 and b"timeout must be a number" in body
