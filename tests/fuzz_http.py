@@ -117,7 +117,21 @@ QUERIES: st.SearchStrategy[bytes] = st.one_of(
 def cases(routes: list[tuple[str, str]]) -> st.SearchStrategy[HttpCase]:
     # A few unknown routes and wrong methods: the router's own refusals must hold too.
     targets = [*routes, ("POST", "/api/nope"), ("PUT", "/api/pull"), ("DELETE", "/")]
-    return st.sampled_from(targets).flatmap(
+    # Any path at all, which also reaches routes with path parameters.
+    anywhere = st.builds(
+        HttpCase,
+        method=st.sampled_from(["GET", "HEAD", "POST", "DELETE"]),
+        path=st.one_of(
+            st.text(max_size=80).map(lambda t: "/" + t),
+            st.sampled_from([p for _, p in routes]).map(lambda p: p + "/x"),
+            st.sampled_from(["/api/", "//", "/api/pull/", "/../api/tags", "/api/tags\x00"]),
+        ),
+        body=BODIES,
+        piece=st.integers(1, 4096),
+        disconnect=st.booleans(),
+        query=QUERIES,
+    )
+    return anywhere | st.sampled_from(targets).flatmap(
         lambda target: st.builds(
             HttpCase,
             method=st.just(target[0]),
@@ -178,6 +192,10 @@ def _check_answer(case: HttpCase, sent: list[dict[str, Any]]) -> tuple[int, byte
     body = b"".join(m.get("body", b"") for m in sent[1:])
     if sent[-1].get("more_body", False):
         raise Finding(f"{where}: the response never ended")
+    if case.method == "HEAD":
+        if body:
+            raise Finding(f"{where}: a HEAD answer with a body: {body[:200]!r}")
+        return status, body
     if status >= 400:
         try:
             error = json.loads(body)["error"]

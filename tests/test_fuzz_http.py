@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import trio
@@ -48,3 +49,14 @@ async def test_find_with_a_nan_timeout_is_a_400(tmp_path: Path) -> None:
             case = HttpCase("GET", "/api/find", b"", 1, False, b"glob=*&timeout=nan")
             status, body = await call_app(build_router(node), case)
     assert status == 400 and b"timeout must be a number" in body
+
+
+async def test_error_for_a_path_with_a_newline_is_one_line(tmp_path: Path) -> None:
+    # Found by the fuzzer: hypercorn decodes %0A in the path, and "no such endpoint: GET
+    # /a<newline>b" went out as a two-line error.
+    with trio.fail_after(60):
+        async with open_node(node_config(tmp_path, "newline")) as node:
+            case = HttpCase("GET", "/a\nb\r\x00", b"", 1, False)
+            status, body = await call_app(build_router(node), case)
+    assert status == 404
+    assert json.loads(body)["error"] == "no such endpoint: GET /a\\nb\\r\\x00"
