@@ -21,6 +21,8 @@ import trio
 
 from node.config import load_config
 from node.daemon import Node, open_node
+from storage.db import MetadataDB
+from storage.fsutil import StoreFullError
 from storage.partial import PartialBlob
 from tests.conftest import MakeModel, clean_env
 from tests.test_node_cli import _config, _free_port
@@ -50,14 +52,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
             subprocess.run(["umount", "-l", str(mountpoint)], check=False)
 
 
-def _puller_config(root: Path, models_dir: Path, holder: Node) -> Path:
-    # Blobs and manifests on the small disk; the database stays on the big one, as a
-    # store on its own disk would have it.
+def _puller_config(root: Path, models_dir: Path, data_dir: Path, holder: Node) -> Path:
     folder = root / "puller"
     folder.mkdir()
     path = folder / "node.toml"
     path.write_text(
-        f'[node]\nname = "puller"\ndata_dir = "data"\n'
+        f'[node]\nname = "puller"\ndata_dir = "{data_dir}"\n'
         f'[storage]\nmodels_dir = "{models_dir}"\n'
         f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
         f'bootstrap = ["{holder.host.listen_addrs[0]}"]\nmdns = false\n'
@@ -103,11 +103,15 @@ def _fill(directory: Path) -> Path:
     return ballast
 
 
+# Blobs and manifests on the small disk, with the node's database on another disk (a
+# store on its own disk) or on the same one (everything under one home directory).
+@pytest.mark.parametrize("database_too", [False, True], ids=["models-only", "database-too"])
 async def test_pull_onto_a_full_disk_fails_clearly_and_resumes_when_space_returns(
-    tmp_path: Path, make_model: MakeModel, small_disk: Path
+    tmp_path: Path, make_model: MakeModel, small_disk: Path, database_too: bool
 ) -> None:
     gguf = make_model(size=12 * MiB)
     models_dir = small_disk / "models"
+    data_dir = small_disk / "data" if database_too else tmp_path / "puller-data"
     holder_config = load_config(_config(tmp_path, "holder", storage='upload_rate_limit = "4MiB"\n'))
     with trio.fail_after(240):
         async with open_node(holder_config) as holder:
@@ -115,7 +119,7 @@ async def test_pull_onto_a_full_disk_fails_clearly_and_resumes_when_space_return
             await holder.refresh()
             digest, size = added.model_blob, gguf.stat().st_size
             chunks = holder.store.db.blob_chunks(digest)
-            config = _puller_config(tmp_path, models_dir, holder)
+            config = _puller_config(tmp_path, models_dir, data_dir, holder)
             async with open_node(load_config(config)) as puller:
                 # 1. The blob cannot fit at all: refused before a byte moves, on both paths.
                 cli = await _cli_pull(config)
@@ -167,3 +171,18 @@ async def test_pull_onto_a_full_disk_fails_clearly_and_resumes_when_space_return
                     gguf.read_bytes()
                 )
                 assert puller.store.verify().ok
+
+
+def test_a_full_database_raises_store_full_and_the_connection_still_works(tmp_path: Path) -> None:
+    # Found with the database on the full tmpfs: SQLite's "database or disk is full" left
+    # the pull with a raw sqlite3 error. SQLite's page cap makes the same error on any disk.
+    with MetadataDB(tmp_path / "m.db") as db:
+        pages = db._query("PRAGMA page_count")[0][0]
+        db._query(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(StoreFullError, match="disk full while writing the metadata"):
+            for i in range(1000):
+                db.upsert_model(f"registry.ollama.ai/library/m{i}:latest", "sha256:" + "a" * 64, i)
+        # The failed transaction was ended: once there is room, writes work again.
+        db._query(f"PRAGMA max_page_count = {pages + 1000}")
+        db.upsert_model("registry.ollama.ai/library/after:latest", "sha256:" + "b" * 64, 1)
+        assert db.get_model("registry.ollama.ai/library/after:latest") is not None
