@@ -40,7 +40,7 @@ class Result:
 def _parser() -> argparse.ArgumentParser:
     names = [*TARGETS, HTTP]
     listing = "\n".join(f"  {t.name:<16} {t.summary}" for t in TARGETS.values())
-    listing += f"\n  {HTTP:<16} every body-taking route of the node's HTTP API (a real node)"
+    listing += f"\n  {HTTP:<16} the node's HTTP API: bodies, query strings, any path (a real node)"
     return argparse.ArgumentParser(
         prog="scripts/fuzz",
         description=(

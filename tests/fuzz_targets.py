@@ -197,7 +197,8 @@ def byte_mutated(draw: st.DrawFn, data: bytes) -> bytes:
         if action == "flip" and out:
             out[at] ^= 1 << draw(st.integers(0, 7))
         elif action == "set" and out:
-            # Interesting CBOR heads: every major type with short and long arguments.
+            # CBOR heads the decoder must refuse or bound: long arguments, indefinite
+            # lengths, tags, floats, the break byte.
             out[at] = draw(
                 st.one_of(
                     st.integers(0, 255),
