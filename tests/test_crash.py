@@ -177,6 +177,7 @@ def _blob(config: Path, model_digest: str) -> Path:
     return load_config(config).storage.models_dir / "blobs" / f"sha256-{model_digest[7:]}"
 
 
+@pytest.mark.slow
 def test_sigkill_during_add_and_import_leaves_no_broken_store(
     tmp_path: Path, make_model: MakeModel, forks: ForkServer
 ) -> None:

@@ -105,6 +105,7 @@ def _fill(directory: Path) -> Path:
 
 # Blobs and manifests on the small disk, with the node's database on another disk (a
 # store on its own disk) or on the same one (everything under one home directory).
+@pytest.mark.slow
 @pytest.mark.parametrize("database_too", [False, True], ids=["models-only", "database-too"])
 async def test_pull_onto_a_full_disk_fails_clearly_and_resumes_when_space_returns(
     tmp_path: Path, make_model: MakeModel, small_disk: Path, database_too: bool

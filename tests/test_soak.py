@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from bench.soak import MODEL, churn, fresh_peer_pulls, rss_of, start_target
@@ -19,6 +20,7 @@ CYCLES = int(os.environ.get("DMM_SOAK_CYCLES", "300"))
 MAX_RSS_GROWTH_MIB = 64
 
 
+@pytest.mark.slow
 async def test_node_survives_churn_and_a_fresh_peer_still_pulls(tmp_path: Path) -> None:
     node, gguf = await trio.to_thread.run_sync(start_target, tmp_path)
     try:
