@@ -1,4 +1,4 @@
-"""``scripts/fuzz [TARGET ...] [--examples N] [--seed S]``: the long fuzz pass, one table.
+"""``scripts/fuzz [TARGET ...] [--examples N] [--seed S] [--jobs N]``: the long fuzz pass.
 
 Runs every target of ``tests/fuzz_targets.py`` (and ``http``: the node's API router, on a
 real node in a scratch directory) for ``--examples`` inputs each, and prints per target
@@ -10,6 +10,7 @@ usage.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import random
 import sys
 import tempfile
@@ -80,6 +81,10 @@ def _run_target(target: Target, examples: int, random_seed: int, budget: float) 
         result.failure = f"input: {last[0]!r:.4000}\n{traceback.format_exc(limit=8)}"
     result.seconds = time.monotonic() - started
     return result
+
+
+def _run_named(name: str, examples: int, random_seed: int, budget: float) -> Result:
+    return _run_target(TARGETS[name], examples, random_seed, budget)
 
 
 def _run_http(examples: int, random_seed: int) -> Result:
@@ -166,31 +171,53 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help=f"time one input may take before it counts as a hang (default {DEFAULT_BUDGET:g})",
     )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="targets fuzzed at once, each in its own process (default 1)",
+    )
     args = parser.parse_args(argv)
     known = [*TARGETS, HTTP]
     unknown = [t for t in args.targets if t not in known]
-    if unknown or args.examples < 1 or args.budget <= 0:
+    if unknown or args.examples < 1 or args.budget <= 0 or args.jobs < 1:
         what = (
             f"unknown target {', '.join(unknown)}"
             if unknown
-            else "--examples and --budget must be > 0"
+            else "--examples, --budget and --jobs must be > 0"
         )
         print(f"fuzz: {what}; targets: {', '.join(known)}", file=sys.stderr)
         return 2
     random_seed = args.seed if args.seed is not None else random.randrange(2**32)
     print(f"fuzz: seed {random_seed}, {args.examples:,} inputs per target", file=sys.stderr)
-    results = []
-    for name in dict.fromkeys(args.targets or known):
-        print(f"fuzz: {name} ...", file=sys.stderr, flush=True)
-        if name == HTTP:
-            result = _run_http(args.examples, random_seed)
-        else:
-            result = _run_target(TARGETS[name], args.examples, random_seed, args.budget)
+    names = list(dict.fromkeys(args.targets or known))
+    done: dict[str, Result] = {}
+
+    def report(result: Result) -> None:
+        done[result.name] = result
+        print(f"fuzz: {result.name} done", file=sys.stderr, flush=True)
         if result.failure:
             print(
-                f"fuzz: FINDING in {name} (seed {random_seed}):\n{result.failure}", file=sys.stderr
+                f"fuzz: FINDING in {result.name} (seed {random_seed}):\n{result.failure}",
+                file=sys.stderr,
             )
-        results.append(result)
+
+    if HTTP in names:
+        report(_run_http(args.examples, random_seed))
+    others = [n for n in names if n != HTTP]
+    if args.jobs > 1:
+        # Targets are looked up by name in each worker: strategies do not pickle.
+        with concurrent.futures.ProcessPoolExecutor(args.jobs) as pool:
+            futures = [
+                pool.submit(_run_named, n, args.examples, random_seed, args.budget) for n in others
+            ]
+            for future in concurrent.futures.as_completed(futures):
+                report(future.result())
+    else:
+        for name in others:
+            report(_run_target(TARGETS[name], args.examples, random_seed, args.budget))
+    results = [done[n] for n in names]
     print(_table(results))
     return 1 if any(r.failure for r in results) else 0
 
