@@ -27,7 +27,8 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from node.http import Router
-from tests.fuzz_targets import ACCEPTED, REFUSED, Finding, Hang, byte_mutated
+from tests.fuzz_mutations import byte_mutated
+from tests.fuzz_targets import ACCEPTED, REFUSED, Finding, Hang
 
 # Seconds one request may take. A pull of an unknown model with no peers answers at once;
 # the handlers' own waits (DHT lookups) are bounded well below this.
