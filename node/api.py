@@ -8,6 +8,7 @@ node": re-read the store, publish changes), ``GET /metrics`` (Prometheus text fo
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import trio
@@ -62,6 +63,8 @@ def build_router(node: Node) -> Router:
             timeout = float(request.arg("timeout", "10") or 10)
         except ValueError:
             raise HTTPError(400, "timeout must be a number of seconds") from None
+        if math.isnan(timeout):  # float() takes "nan", and trio refuses a NaN deadline
+            raise HTTPError(400, "timeout must be a number of seconds")
         timeout = min(max(timeout, 0.1), MAX_FIND_TIMEOUT)
         return json_response(await node.find(glob, timeout=timeout))
 

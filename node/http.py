@@ -101,6 +101,8 @@ class Request:
             data = json.loads(raw)
         except ValueError as exc:
             raise HTTPError(400, f"invalid JSON: {exc}") from None
+        except RecursionError:
+            raise HTTPError(400, "invalid JSON: nested too deeply") from None
         if not isinstance(data, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         return data
@@ -124,7 +126,10 @@ def json_response(data: Any, status: int = 200) -> Response:
 
 
 def error_response(status: int, message: str) -> Response:
-    return json_response({"error": message}, status)
+    # One line whatever a message quotes (a path may hold a decoded %0A): control
+    # characters are escaped, so clients and logs never see a broken line.
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
+    return json_response({"error": line}, status)
 
 
 def ndjson_response(items: AsyncIterator[dict[str, Any]]) -> Response:

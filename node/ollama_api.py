@@ -30,7 +30,7 @@ from node.http import (
     ndjson_response,
 )
 from node.ollama_create import create_model_events, plan_create
-from node.pull import PullError
+from node.pull import PullDiskFull, PullError
 from storage.cas import BlobMismatchError
 from storage.fsutil import StoreFullError, temp_path_for
 from storage.gguf import GGUFError, details, model_info
@@ -368,6 +368,8 @@ def _http_error(exc: Exception) -> HTTPError | None:
         return HTTPError(HOOK_REFUSED, str(exc))
     if isinstance(exc, ModelNotFound):
         return HTTPError(404, str(exc))
+    if isinstance(exc, PullDiskFull):
+        return HTTPError(507, str(exc))  # Insufficient Storage
     if isinstance(exc, PullError):
         return HTTPError(404 if "no reachable peer" in str(exc) else 500, str(exc))
     if isinstance(exc, StoreError | OSError):

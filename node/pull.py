@@ -23,6 +23,7 @@ from node.catalog_service import CatalogError, open_catalog_client
 from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
 from protocols.records import VersionRecord
+from storage.fsutil import StoreFullError
 from storage.manifest import Layer, Manifest, ManifestError, parse_manifest
 from storage.names import ModelName, parse_model_name
 
@@ -42,6 +43,11 @@ DHT_STEP_TIMEOUT = 5.0
 
 class PullError(RuntimeError):
     """The model could not be pulled; the message says why and what to try."""
+
+
+class PullDiskFull(PullError):
+    """The store's disk is full. What was fetched stays (the partial blob, hidden), so the
+    pull resumes from there once space is freed; no manifest was written."""
 
 
 @contextlib.contextmanager
@@ -158,6 +164,28 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
         }
     assert record is not None
     raw, manifest = await fetch_manifest(node, record.manifest_digest, serving)
+    try:
+        return await _pull_layers(node, name, record, raw, manifest, serving, emit)
+    except* StoreFullError as group:
+        # Raised in a worker thread, maybe alongside the cancellation of other fetches:
+        # one line that says what to do, not a traceback and not "run it again".
+        full = _first_leaf(group)
+        raise PullDiskFull(
+            f"{full.strerror or full}; free space under {node.store.models_dir} and pull "
+            "again to resume"
+        ) from None
+
+
+async def _pull_layers(
+    node: Node,
+    name: ModelName,
+    record: VersionRecord,
+    raw: bytes,
+    manifest: Manifest,
+    serving: list[str],
+    emit: Emit,
+) -> dict[str, Any]:
+    """Every missing blob, then the manifest last."""
     fetched = local_bytes = 0
     peers_used: set[str] = set()
     for layer in manifest.all_layers():
@@ -263,6 +291,14 @@ async def fetch_layer(
                 finished.set()
     await emit(layer_event(layer.digest, size, size, len(sources)))
     return result
+
+
+def _first_leaf(group: BaseExceptionGroup[StoreFullError]) -> StoreFullError:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    assert isinstance(exc, StoreFullError)
+    return exc
 
 
 def layer_event(digest: str, total: int, completed: int, peers: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ transfer path.
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.chunks import BlobIndex, ChunkRef
+from storage.fsutil import StoreFullError
 
 MIGRATIONS: tuple[str, ...] = (
     # 0 -> 1
@@ -85,6 +87,10 @@ MIGRATIONS: tuple[str, ...] = (
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def _is_full(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 class DatabaseError(RuntimeError):
@@ -176,10 +182,17 @@ class MetadataDB:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
+                self._conn.execute("COMMIT")
+            except BaseException as exc:
+                # A failed COMMIT (a full disk) may leave the transaction open, and then
+                # every later BEGIN on this connection fails: always end it here.
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError) and _is_full(exc):
+                    raise StoreFullError(
+                        errno.ENOSPC, f"disk full while writing the metadata database {self.path}"
+                    ) from exc
                 raise
-            self._conn.execute("COMMIT")
 
     def _query(self, sql: str, args: Iterable[object] = ()) -> list[Any]:
         with self._lock:

@@ -128,6 +128,9 @@ def parse_manifest(data: bytes) -> Manifest:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"manifest is not valid JSON: {exc}") from None
+    except RecursionError:
+        # A peer chooses the manifest it publishes: "[[[[..." must not crash the pull.
+        raise ManifestError("manifest is not valid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise ManifestError("manifest is not a JSON object")
     if obj.get("schemaVersion") != 2:

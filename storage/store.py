@@ -30,6 +30,7 @@ from storage.chunks import (
 )
 from storage.db import MetadataDB
 from storage.download import stale_downloads
+from storage.fsutil import StoreFullError
 from storage.gguf import GGUFError, GGUFInfo, details, read_gguf_info
 from storage.manifest import (
     CONFIG_MEDIA_TYPE,
@@ -467,7 +468,9 @@ class ModelStore:
             report.bytes_checked += self.cas.size(digest) or 0
             if result.status == "ok":
                 if self.cas.location(digest) == "file":
-                    self.db.mark_verified(digest, self.cas.path(digest).stat().st_mtime_ns)
+                    # Only a cache of the last check: a full disk must not stop a verify.
+                    with contextlib.suppress(StoreFullError):
+                        self.db.mark_verified(digest, self.cas.path(digest).stat().st_mtime_ns)
             else:
                 report.bad.append(CorruptBlob(result, tuple(refs.get(digest, ()))))
         return report
