@@ -15,6 +15,7 @@ import trio
 
 from node.http import HTTPError, Request, Response, Router, json_response, ndjson_response
 from node.pull import PullError
+from node.sync_api import add_sync_routes
 from storage.gguf import GGUFError, details
 from storage.names import InvalidName, parse_model_name
 
@@ -149,4 +150,5 @@ def build_router(node: Node) -> Router:
     async def refresh(request: Request) -> Response:
         return json_response(await node.refresh())
 
+    add_sync_routes(router, node)
     return router

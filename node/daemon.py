@@ -36,7 +36,8 @@ from node.mdns import MdnsDiscovery
 from node.p2p import P2PError, P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
-from node.pull import Emit, PullError, pull_model
+from node.pull import Emit, pull_model
+from node.sync import SyncManager
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
 from protocols.records import Announcement, VersionRecord
@@ -111,7 +112,6 @@ class Node:
             rate_limit=config.storage.upload_rate_limit,
         )
         self._nursery: trio.Nursery | None = None
-        self._pulling: set[str] = set()
         self.started_at = trio.current_time()
         self.api_urls: list[str] = []
         self.shutdown = trio.Event()
@@ -120,6 +120,7 @@ class Node:
         self._gossip_records: dict[str, VersionRecord] = {}
         self._published: dict[str, str] = {}  # full name:tag -> manifest digest provided
         self._publish_lock = trio.Lock()
+        self.sync = SyncManager(self)
 
     @property
     def peer_id(self) -> str:
@@ -131,6 +132,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.run)
             await nursery.start(self.announcer.run)
+            await nursery.start(self.sync.run)
             self.host.set_stream_handler(CATALOG_PROTOCOL, self.catalog.handle)
             self.host.set_stream_handler(BLOCKS_PROTOCOL, self.provider.handle)
             self._nursery = nursery
@@ -248,31 +250,8 @@ class Node:
             holders = self._gossip.setdefault((record.name, vid), {})
             holders[peer_id] = Holder(peer_id, tuple(announcement.listen_addrs), now)
             log.info("model %s version %s announced by %s", record.name, vid[:12], peer_id)
-            self._follow(record)
-
-    def _follow(self, record: VersionRecord) -> None:
-        """Pull on our own when ``[sync] follow`` names an announced model."""
-        name = f"{display_name(record.model)}:{record.tag}"
-        follows = any(glob_matches(glob, name) for glob in self.config.sync.follow)
-        if not follows or record.name in self._pulling or self._nursery is None:
-            return
-        self._pulling.add(record.name)
-        self._nursery.start_soon(self._pull_followed, record.name)
-
-    async def _pull_followed(self, full_name: str) -> None:
-        async def quiet(event: dict[str, Any]) -> None:
-            pass
-
-        try:
-            result = await self.pull(full_name, quiet)
-            if not result["already_complete"]:
-                log.info(
-                    "followed model %s pulled: %d bytes fetched", full_name, result["bytes_fetched"]
-                )
-        except PullError as exc:
-            log.warning("followed model %s not pulled: %s", full_name, exc)
-        finally:
-            self._pulling.discard(full_name)
+            # A followed model syncs with the announcer at once (node/sync.py).
+            self.sync.on_announced(peer_id, record)
 
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
         return await pull_model(self, name, emit)

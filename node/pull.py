@@ -160,7 +160,13 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
 
 
 async def _fetch_layer(
-    node: Node, name: ModelName, layer: Layer, serving: list[str], emit: Emit
+    node: Node,
+    name: ModelName,
+    layer: Layer,
+    serving: list[str],
+    emit: Emit,
+    *,
+    reuse_local: bool = True,
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
     sources = await _blob_sources(node, layer.digest, serving)
@@ -195,6 +201,7 @@ async def _fetch_layer(
                 chunks=chunks,
                 providers=sources,
                 on_progress=on_progress,
+                reuse_local=reuse_local,
             )
         except TransferError as exc:
             raise PullError(str(exc)) from None
@@ -245,3 +252,46 @@ def _write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest)
     node.store.db.upsert_model(
         name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size
     )
+
+
+async def _no_progress(event: dict[str, Any]) -> None:
+    pass
+
+
+async def fetch_version_data(
+    node: Node,
+    name: ModelName,
+    manifest_digest: str,
+    peers: list[str],
+    *,
+    reuse_local: bool = True,
+    emit: Emit = _no_progress,
+) -> tuple[bytes, Manifest, int]:
+    """Manifest ``manifest_digest`` and every blob it names, in the local store.
+
+    No name is written: the caller decides which tag gets the manifest (``write_model``).
+    Taken from the store when it already holds them all; otherwise the manifest comes from
+    the first of ``peers`` that has it and each missing blob from them and the blob's DHT
+    providers. Returns ``(raw manifest, manifest, bytes fetched)``; raises ``PullError``.
+    """
+    from node.catalog_service import StoreCatalogSource
+
+    source = StoreCatalogSource(node.store, node.book)
+    held = await trio.to_thread.run_sync(source.manifest, manifest_digest)
+    if held is not None:
+        raw = held[1]
+        manifest = parse_manifest(raw)
+    else:
+        raw, manifest = await _manifest(node, manifest_digest, peers)
+    fetched = 0
+    for layer in manifest.all_layers():
+        if node.store.cas.location(layer.digest) == "file":
+            continue
+        result = await _fetch_layer(node, name, layer, peers, emit, reuse_local=reuse_local)
+        fetched += result.bytes_fetched
+    return raw, manifest, fetched
+
+
+def write_model(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
+    """Point ``name`` at a manifest whose blobs are all in place (blocking; run in a thread)."""
+    _write_manifest(node, name, raw, manifest)

@@ -134,6 +134,7 @@ async def fetch_blob(
     chunk_timeout: float = 20.0,
     source: str | None = None,
     limiter: trio.CapacityLimiter | None = None,
+    reuse_local: bool = True,
 ) -> FetchResult:
     """Fetch blob ``digest`` (``size`` bytes, cut into ``chunks``) for ``model``.
 
@@ -141,8 +142,9 @@ async def fetch_blob(
     ``on_progress(n)`` is called on the event loop each time ``n`` more bytes of the
     blob are in place (resumed and local bytes first, then each chunk). ``source`` is
     the older version the delta is recorded against. ``limiter`` bounds the worker
-    threads hashing and writing (one per fetch when not given). Returns when the blob is
-    in the store under its name, indexed.
+    threads hashing and writing (one per fetch when not given). ``reuse_local=False``
+    fetches every chunk from peers (a "full" sync) instead of copying those local blobs
+    hold. Returns when the blob is in the store under its name, indexed.
     """
     digest = parse_digest(digest)
     if not 1 <= window <= DEFAULT_MAX_WANTLIST:
@@ -166,6 +168,9 @@ async def fetch_blob(
     try:
         resumed = blob.done_bytes
         plan = await in_thread(partial(tracker.create_delta, model, source, blob.chunks, digest))
+        if not reuse_local:
+            plan.fetch.extend(op.index for op in plan.copy_local)
+            plan.copy_local.clear()
         copied = await in_thread(partial(tracker.apply_delta, blob, plan))
         if on_progress is not None and resumed + copied:
             on_progress(resumed + copied)
