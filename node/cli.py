@@ -671,6 +671,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="override cleanup_age, e.g. 0s to remove every unreferenced blob",
     )
+
+    from node.sync_cli import add_sync_commands  # imported here: it imports this module
+
+    add_sync_commands(add)
     return parser
 
 

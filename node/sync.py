@@ -80,6 +80,14 @@ class PeerState:
         return data
 
 
+@dataclass(frozen=True, slots=True)
+class PeerView:
+    """What a peer told us of one model: every record it knows, the manifest it holds."""
+
+    records: list[VersionRecord]
+    held: str | None
+
+
 def _display(full: str) -> str:
     model, _, tag = full.rpartition(":")
     return f"{display_name(model)}:{tag}"
@@ -254,16 +262,16 @@ class SyncManager:
             answers = await self._ask_versions(name, asked)
             if asked and not answers:
                 raise SyncError(f"{name.display}: none of the {len(asked)} peer(s) asked answered")
-            for records in answers.values():
-                await self._accept(name, records)
+            for view in answers.values():
+                await self._accept(name, view.records)
             try:
                 outcome = await self._settle(name, policy, kind, list(answers) or asked)
             except (PullError, StoreError, OSError) as exc:
                 for p in answers:
                     self._set_state(name.full, p, "error", str(exc))
                 raise SyncError(f"{name.display}: {exc}") from None
-            for p, records in answers.items():
-                await self._update_state(name, p, records)
+            for p, view in answers.items():
+                self._set_state(name.full, p, await self._compare(name, view))
             self.syncs += 1
         if not asked and outcome["version"] is None:
             raise SyncError(f"no peer holds {name.display}; try `dmm find '{name.model}*'`")
@@ -286,15 +294,25 @@ class SyncManager:
         found.pop(self.node.peer_id, None)
         return list(found)
 
-    async def _ask_versions(
-        self, name: ModelName, peers: list[str]
-    ) -> dict[str, list[VersionRecord]]:
-        answers: dict[str, list[VersionRecord]] = {}
+    async def _ask_versions(self, name: ModelName, peers: list[str]) -> dict[str, PeerView]:
+        """Each peer's version records of ``name`` and the manifest it holds under it."""
+        answers: dict[str, PeerView] = {}
 
         async def ask(peer: str) -> None:
             try:
                 async with open_catalog_client(self.node.host, peer, timeout=PEER_TIMEOUT) as c:
-                    answers[peer] = await c.get_versions(name.full)
+                    records = await c.get_versions(name.full)
+                    # Names cannot hold glob characters, so the display name matches itself.
+                    listed = await c.list_models(name.display, limit=1)
+                    held = next(
+                        (
+                            m.manifest_digest
+                            for m in listed.models
+                            if f"{m.name}:{m.tag}" == name.full
+                        ),
+                        None,
+                    )
+                    answers[peer] = PeerView(records, held)
             except PEER_ERRORS as exc:
                 reason = f"peer did not answer: {exc or type(exc).__name__}"
                 self._set_state(name.full, peer, "error", reason)
@@ -456,8 +474,10 @@ class SyncManager:
                 if lid in kept:
                     continue
                 target = name.with_tag(conflict_tag(name.tag, loser))
+                # Holders of the name itself may still hold the loser, or its blobs.
+                sources = [*peers, *await self.holders(name)]
                 try:
-                    fetched += await self._switch(target, loser.manifest_digest, peers, kind)
+                    fetched += await self._switch(target, loser.manifest_digest, sources, kind)
                 except (PullError, StoreError, OSError) as exc:
                     log.warning("model %s: loser %s not kept: %s", name.display, lid[:12], exc)
                     done = False
@@ -476,22 +496,23 @@ class SyncManager:
     def _set_state(self, full: str, peer: str, state: SyncStateName, reason: str = "") -> None:
         self._states[(full, peer)] = PeerState(full, peer, state, reason)
 
-    async def _update_state(self, name: ModelName, peer: str, theirs: list[VersionRecord]) -> None:
-        state = await self._compare(name, theirs)
-        self._set_state(name.full, peer, state)
-
-    async def _compare(self, name: ModelName, theirs: list[VersionRecord]) -> SyncStateName:
+    async def _compare(self, name: ModelName, theirs: PeerView) -> SyncStateName:
+        """Records say what each side knows; each side must also hold what its records say."""
         ours = await trio.to_thread.run_sync(self.node.book.records, name)
         local = await trio.to_thread.run_sync(self.node.store.layout.read, name)
-        state = compare_heads(ours, theirs)
-        head = VersionDag(ours).resolved_head()
-        # Records alone say what we know; the data must be here too to be in sync.
-        if (
-            state in ("in-sync", "ahead")
-            and head is not None
-            and (local is None or local.digest != head.manifest_digest)
-        ):
+        state = compare_heads(ours, theirs.records)
+        if state not in ("in-sync", "ahead"):
+            return state
+        our_head = VersionDag(ours).resolved_head()
+        their_head = VersionDag(theirs.records).resolved_head()
+        we_hold = our_head is None or (
+            local is not None and local.digest == our_head.manifest_digest
+        )
+        they_hold = their_head is None or theirs.held == their_head.manifest_digest
+        if not we_hold:
             return "behind"
+        if state == "in-sync" and not they_hold:
+            return "ahead"
         return state
 
     async def get_sync_state(self, model: str) -> dict[str, Any]:
@@ -651,4 +672,4 @@ class SyncManager:
         }
 
 
-__all__ = ["PeerState", "SyncError", "SyncManager"]
+__all__ = ["PeerState", "PeerView", "SyncError", "SyncManager"]

@@ -16,7 +16,7 @@ so everything here is a pure function of the *set* of records: their order never
 
 A node whose policy differs from its peers' (another strategy, another trusted list)
 settles differently; ``should_sign_merge`` keeps such nodes from signing merge after merge
-at each other: a node that already signed a merge for its winner waits for the others.
+at each other: a node that already settled the same originals the same way waits.
 """
 
 from __future__ import annotations
@@ -267,16 +267,21 @@ def resolve(dag: VersionDag, strategy: Strategy, trusted: Sequence[str] = ()) ->
 def should_sign_merge(dag: VersionDag, resolution: Resolution, author: str) -> bool:
     """Whether ``author`` should sign a merge settling ``resolution``.
 
-    Not when a head already naming the winner's manifest is a merge ``author`` signed:
-    this node has said its word, and a peer settling by another policy would otherwise
-    answer every merge with a merge of its own, for ever.
+    Not when ``author`` already signed a merge of the same originals on the same winner:
+    this node has said its word. Without this, nodes settling by different policies (or
+    trusting different authors) would answer each other's merges with merges for ever;
+    with it they stop, each keeping its own answer, until a new version arrives.
     """
-    for head in resolution.conflict.heads:
-        if (
-            head.manifest_digest == resolution.winner.manifest_digest
-            and head.author == author
-            and dag.is_merge(head)
-        ):
+    originals = frozenset(dag.original(h).version_id for h in resolution.conflict.heads)
+    for record in dag.merges():
+        if record.author != author or dag.original(record) != resolution.original:
+            continue
+        merged = frozenset(
+            dag.original(parent).version_id
+            for vid in record.parents
+            if (parent := dag.get(vid)) is not None
+        )
+        if merged == originals:
             return False
     return True
 
