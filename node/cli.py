@@ -708,4 +708,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m node.cli`: modules that import node.cli (node/sync_cli.py) must get this
+    # module, not a second copy whose exception classes main() would not catch.
+    sys.modules.setdefault("node.cli", sys.modules[__name__])
     sys.exit(main())

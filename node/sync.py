@@ -272,9 +272,9 @@ class SyncManager:
                 raise SyncError(f"{name.display}: {exc}") from None
             for p, view in answers.items():
                 self._set_state(name.full, p, await self._compare(name, view))
-            self.syncs += 1
         if not asked and outcome["version"] is None:
             raise SyncError(f"no peer holds {name.display}; try `dmm find '{name.model}*'`")
+        self.syncs += 1
         outcome["peers"] = [
             self._states[(name.full, p)].to_json() for p in asked if (name.full, p) in self._states
         ]
