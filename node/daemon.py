@@ -204,7 +204,7 @@ class Node:
             records: list[VersionRecord] = []
             for entry in changed:
                 record = await trio.to_thread.run_sync(
-                    self.book.record_local, entry.name, entry.digest, entry.size
+                    self.book.record_held, entry.name, entry.digest, entry.size
                 )
                 records.append(record)
                 await self._provide(entry.name, entry.manifest.blob_digests())

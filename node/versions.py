@@ -76,6 +76,21 @@ class VersionBook:
                 return max(same, key=lambda r: (r.hlc, r.version_id))
             return self._sign(name, manifest_digest, size, [h.version_id for h in heads])
 
+    def record_held(self, name: ModelName, manifest_digest: str, size: int) -> VersionRecord:
+        """The record for what the store holds under ``name``, after any change to it.
+
+        A manifest some known version names is that version (the newest such), even when it
+        is no head any more: a sync or pull wrote it, and records arriving meanwhile must
+        not turn that write into a new local version on top of them. Only a manifest no
+        version names is a local change (``record_local``). A user's own edit goes through
+        ``record_local`` first (``dmm add``), so reverting to an older file still counts.
+        """
+        with self._lock:
+            same = [r for r in self.records(name) if r.manifest_digest == manifest_digest]
+            if same:
+                return max(same, key=lambda r: (r.hlc, r.version_id))
+        return self.record_local(name, manifest_digest, size)
+
     def record_merge(
         self, name: ModelName, parents: Iterable[VersionRecord], winner: VersionRecord
     ) -> VersionRecord:
