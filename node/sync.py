@@ -385,11 +385,23 @@ class SyncManager:
         }
 
     async def _switch(self, name: ModelName, digest: str, peers: list[str], kind: str) -> int:
-        """Point ``name`` at manifest ``digest``, fetching what the store lacks."""
-        sources = list(dict.fromkeys([*peers, *await self.holders(name)]))
-        raw, manifest, fetched = await fetch_version_data(
-            self.node, name, digest, sources, reuse_local=kind == "delta"
-        )
+        """Point ``name`` at manifest ``digest``, fetching what the store lacks.
+
+        The peers at hand are tried first; the DHT is asked for more holders only when they
+        cannot supply it (a lookup costs seconds on a big or half-connected network).
+        """
+        reuse = kind == "delta"
+        try:
+            raw, manifest, fetched = await fetch_version_data(
+                self.node, name, digest, peers, reuse_local=reuse
+            )
+        except PullError:
+            more = [p for p in await self.holders(name) if p not in peers]
+            if not more:
+                raise
+            raw, manifest, fetched = await fetch_version_data(
+                self.node, name, digest, [*peers, *more], reuse_local=reuse
+            )
         await trio.to_thread.run_sync(write_model, self.node, name, raw, manifest)
         return fetched
 

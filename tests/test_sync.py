@@ -98,16 +98,19 @@ async def test_full_sync_fetches_what_delta_would_copy(
 
 
 @asynccontextmanager
-async def _groups(root: Path, extra: str) -> AsyncIterator[tuple[list[Node], list[Node]]]:
-    """Two groups of two nodes that cannot reach each other: no bootstrap link between them."""
+async def _groups(
+    root: Path, extra: str, size: int = 2
+) -> AsyncIterator[tuple[list[Node], list[Node]]]:
+    """Two groups of nodes that cannot reach each other: no bootstrap link between them."""
     async with AsyncExitStack() as stack:
         groups: list[list[Node]] = []
         for g in ("a", "b"):
             seed = await stack.enter_async_context(open_node(node_config(root, f"{g}0", (), extra)))
-            other = await stack.enter_async_context(
-                open_node(node_config(root, f"{g}1", [seed.host.listen_addrs[0]], extra))
-            )
-            groups.append([seed, other])
+            group = [seed]
+            for i in range(1, size):
+                config = node_config(root, f"{g}{i}", [seed.host.listen_addrs[0]], extra)
+                group.append(await stack.enter_async_context(open_node(config)))
+            groups.append(group)
         yield groups[0], groups[1]
 
 
@@ -122,6 +125,7 @@ async def _shared_v1(a0: Node, b0: Node, make_model: MakeModel) -> VersionRecord
     return v1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["newest", "keep-both"])
 async def test_a_healed_partition_converges(
     tmp_path: Path, make_model: MakeModel, strategy: str
@@ -177,9 +181,10 @@ async def test_a_healed_partition_converges(
             assert await node.sync.conflicts() == []
 
 
+@pytest.mark.slow
 async def test_manual_conflicts_wait_for_resolve(tmp_path: Path, make_model: MakeModel) -> None:
     extra = '[sync]\nfollow = ["shared*"]\nsync_interval = "1h"\nconflict_strategy = "manual"\n'
-    async with _groups(tmp_path, extra) as ((a0, a1), (b0, b1)):
+    async with _groups(tmp_path, extra, size=1) as ((a0,), (b0,)):
         v1 = await _shared_v1(a0, b0, make_model)
         v2a = await _add(a0, make_model, NAME.display, 2)
         v2b = await _add(b0, make_model, NAME.display, 3)
@@ -223,7 +228,6 @@ async def test_manual_conflicts_wait_for_resolve(tmp_path: Path, make_model: Mak
             await b0.sync.synchronize_model(NAME.display, a0.peer_id)
         assert _held(b0) == v2a.manifest_digest and await b0.sync.conflicts() == []
         assert v1.version_id in VersionDag(b0.book.records(NAME)).ancestors(merge_id)
-        del a1, b1
 
 
 async def test_policies_at_run_time_persist_and_are_checked(
@@ -272,6 +276,7 @@ def processes() -> Iterator[list[RunningNode]]:
             node.proc.wait()
 
 
+@pytest.mark.slow
 def test_cli_sync_states_against_node_processes(
     tmp_path: Path, make_model: MakeModel, processes: list[RunningNode]
 ) -> None:
