@@ -50,7 +50,9 @@ def rec(
     )
 
 
-def merge(key: int, hlc_ms: int, parents: tuple[VersionRecord, ...], winner: VersionRecord):
+def merge(
+    key: int, hlc_ms: int, parents: tuple[VersionRecord, ...], winner: VersionRecord
+) -> VersionRecord:
     return VersionRecord.sign(
         model=MODEL,
         tag="latest",

@@ -14,6 +14,8 @@ import pytest
 import trio
 
 from node.daemon import Node, open_node
+from node.identity import Identity
+from node.sync import SyncError
 from node.testing import node_config, open_swarm
 from protocols.dag import VersionDag, conflict_tag
 from protocols.records import VersionRecord
@@ -50,7 +52,7 @@ async def _until(predicate, what: str, timeout: float = 60) -> None:  # type: ig
 
 async def _state(node: Node, peer: str) -> str:
     status = await node.sync.get_sync_state(NAME.display)
-    return next(s["state"] for s in status["peers"] if s["peer"] == peer)
+    return str(next(s["state"] for s in status["peers"] if s["peer"] == peer))
 
 
 async def test_behind_then_in_sync_after_synchronize(tmp_path: Path, make_model: MakeModel) -> None:
@@ -77,6 +79,14 @@ async def test_behind_then_in_sync_after_synchronize(tmp_path: Path, make_model:
             assert await _state(b, a.peer_id) == "in-sync"
             again = await b.sync.synchronize_model(NAME.display, a.peer_id, "full")
         assert not again["changed"] and again["bytes_fetched"] == 0
+        # A peer that cannot be reached is an error, with the reason, and nothing changes.
+        stranger = Identity.generate().peer_id_str
+        with trio.fail_after(30), pytest.raises(SyncError, match="none of the 1 peer"):
+            await b.sync.synchronize_model(NAME.display, stranger)
+        (model,) = b.sync.status()["models"]
+        errors = [p for p in model["peers"] if p["peer"] == stranger]
+        assert errors[0]["state"] == "error" and "did not answer" in errors[0]["reason"]
+        assert _held(b) == v2.manifest_digest
 
 
 async def test_full_sync_fetches_what_delta_would_copy(
@@ -190,9 +200,18 @@ async def test_manual_conflicts_wait_for_resolve(tmp_path: Path, make_model: Mak
         v2b = await _add(b0, make_model, NAME.display, 3)
         with trio.fail_after(10):
             await a0.host.connect(b0.host.listen_addrs[0])
+        fired: list[tuple[str, str, dict[str, object]]] = []
+
+        class Hooks:  # what node/hooks.py offers, where it exists
+            def fire(self, event: str, model: str, **details: object) -> None:
+                fired.append((event, model, details))
+
+        a0.hooks = Hooks()  # type: ignore[attr-defined]
         with trio.fail_after(60):
             result = await a0.sync.synchronize_model(NAME.display, b0.peer_id)
         assert result["conflict"] and not result["changed"] and result["merge"] is None
+        assert [(e, m) for e, m, _ in fired] == [("on-conflict", NAME.display)]
+        assert fired[0][2]["winner"] == v2b.version_id.hex()
         assert _held(a0) == v2a.manifest_digest  # manual: nothing moves by itself
         (conflict,) = await a0.sync.conflicts()
         assert conflict["model"] == NAME.display and conflict["strategy"] == "manual"
