@@ -18,6 +18,7 @@ import trio
 from node.catalog_service import CatalogError, open_catalog_client
 from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
+from protocols.dag import VersionDag
 from protocols.records import VersionRecord
 from storage.manifest import Layer, Manifest, ManifestError, parse_manifest
 from storage.names import ModelName, parse_model_name
@@ -76,7 +77,9 @@ async def _newest_record(
     await trio.to_thread.run_sync(node.book.accept_many, candidates)
     parents = {p for r in records.values() for p in r.parents}
     heads = [r for r in candidates if r.version_id not in parents] or candidates
-    newest = max(heads, key=lambda r: (r.hlc, r.version_id))
+    # A merge ranks as the version it chose (protocols/dag.py), as the sync's `newest` does.
+    dag = VersionDag(records.values())
+    newest = max(heads, key=lambda r: (dag.rank(r), r.version_id))
     # Anyone holding the same manifest can serve its blobs, whichever version names it.
     serving = {
         peer

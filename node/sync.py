@@ -52,6 +52,7 @@ log = logging.getLogger("dmm.sync")
 _POLICIES_SETTING = "sync.policies"
 _KEPT_SETTING = "sync.kept."  # + full name: merges looked at and losers kept (keep-both)
 PEER_TIMEOUT = 15.0
+FIRST_PASS_DELAY = 10.0
 
 
 class SyncError(RuntimeError):
@@ -177,9 +178,15 @@ class SyncManager:
                     loops.cancel_scope.cancel()
 
     async def _policy_loop(self, policy: SyncPolicy) -> None:
+        # The first pass comes soon after start: a node back from a while offline catches up
+        # without waiting a whole interval.
+        await trio.sleep(min(policy.interval, FIRST_PASS_DELAY))
         while True:
+            try:
+                await self.sync_glob(policy)
+            except Exception as exc:  # a background pass must never take the node down
+                log.warning("sync pass for %r failed: %r", policy.glob, exc)
             await trio.sleep(policy.interval)
-            await self.sync_glob(policy)
 
     async def sync_glob(self, policy: SyncPolicy) -> list[dict[str, Any]]:
         """Sync every model this policy follows: the ones known here and the ones ``find`` sees."""
@@ -231,6 +238,9 @@ class SyncManager:
         except SyncError as exc:
             log.info("model %s: sync failed: %s", name.display, exc)
             return {"model": name.display, "error": str(exc)}
+        except Exception as exc:  # e.g. a full disk: report it, keep the node up
+            log.warning("model %s: sync failed: %r", name.display, exc)
+            return {"model": name.display, "error": f"{type(exc).__name__}: {exc}"}
 
     # --- synchronize ---------------------------------------------------------------------------
 
@@ -313,7 +323,7 @@ class SyncManager:
                         None,
                     )
                     answers[peer] = PeerView(records, held)
-            except PEER_ERRORS as exc:
+            except (*PEER_ERRORS, ProtocolError, trio.ClosedResourceError) as exc:
                 reason = f"peer did not answer: {exc or type(exc).__name__}"
                 self._set_state(name.full, peer, "error", reason)
                 log.info("model %s: peer %s %s", name.display, peer, reason)
