@@ -41,6 +41,8 @@ from protocols.dag import (
 )
 from protocols.errors import ProtocolError
 from protocols.records import VersionRecord
+from storage.cas import StoreBusyError
+from storage.manifest import ManifestError
 from storage.names import InvalidName, ModelName, parse_model_name
 from storage.store import StoreError
 
@@ -53,6 +55,8 @@ _POLICIES_SETTING = "sync.policies"
 _KEPT_SETTING = "sync.kept."  # + full name: merges looked at and losers kept (keep-both)
 PEER_TIMEOUT = 15.0
 FIRST_PASS_DELAY = 10.0
+# What fetching a version may fail with, short of a bug: said in one line, the node stays up.
+FETCH_ERRORS = (PullError, StoreError, StoreBusyError, ManifestError, OSError)
 
 
 class SyncError(RuntimeError):
@@ -276,7 +280,7 @@ class SyncManager:
                 await self._accept(name, view.records)
             try:
                 outcome = await self._settle(name, policy, kind, list(answers) or asked)
-            except (PullError, StoreError, OSError) as exc:
+            except FETCH_ERRORS as exc:
                 for p in answers:
                     self._set_state(name.full, p, "error", str(exc))
                 raise SyncError(f"{name.display}: {exc}") from None
@@ -500,7 +504,7 @@ class SyncManager:
                 sources = [*peers, *await self.holders(name)]
                 try:
                     fetched += await self._switch(target, loser.manifest_digest, sources, kind)
-                except (PullError, StoreError, OSError) as exc:
+                except FETCH_ERRORS as exc:
                     log.warning("model %s: loser %s not kept: %s", name.display, lid[:12], exc)
                     done = False
                     continue
@@ -654,7 +658,7 @@ class SyncManager:
             if local is None or local.digest != winner.manifest_digest:
                 try:
                     fetched = await self._switch(name, winner.manifest_digest, [], "delta")
-                except (PullError, StoreError, OSError) as exc:
+                except FETCH_ERRORS as exc:
                     raise SyncError(f"{name.display}: {exc}") from None
             merge = await self._sign_merge(name, resolution, winner)
             await self.node.refresh()

@@ -92,19 +92,31 @@ async def test_behind_then_in_sync_after_synchronize(tmp_path: Path, make_model:
 async def test_full_sync_fetches_what_delta_would_copy(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
+    """Three versions differing only in their chat template: `delta` copies the unchanged
+    chunks from the blob already here, `full` fetches the whole blob again."""
+    name = parse_model_name("edited:v1")
+
+    async def version(template: str) -> None:
+        path = make_model(f"{len(template)}.gguf", size=8 * MiB, seed=5, chat_template=template)
+        await a.sync.create_model_version(name.display, path)
+
     async with open_swarm(tmp_path, 2) as (a, b):
-        await _add(a, make_model, "delta:v1", 1)
-        await _add(a, make_model, "whole:v1", 1)  # the same weights under another name
+        await version("{{ .Prompt }}")
         with trio.fail_after(60):
-            await b.sync.synchronize_model("delta:v1", a.peer_id)
-        # b now holds every chunk of whole:v1's blobs already; full still fetches it whole
-        # only when the blob itself is missing, so take a model whose blob differs.
-        await _add(a, make_model, "delta:v1", 2)
+            await b.sync.synchronize_model(name.display, a.peer_id)
+        await version("{{ .System }} {{ .Prompt }}")
         with trio.fail_after(60):
-            full = await b.sync.synchronize_model("delta:v1", a.peer_id, "full")
-        assert full["changed"] and full["bytes_fetched"] >= MiB
-        deltas = b.store.db.deltas(parse_model_name("delta:v1").full)
-        assert deltas and deltas[-1].bytes_local == 0
+            full = await b.sync.synchronize_model(name.display, a.peer_id, "full")
+        assert full["changed"] and full["sync_type"] == "full"
+        whole = b.store.db.deltas(name.full)[-1]
+        assert whole.bytes_local == 0 and whole.bytes_fetched >= 8 * MiB
+        await version("{{ .System }}\n{{ .Prompt }}\n")
+        with trio.fail_after(60):
+            delta = await b.sync.synchronize_model(name.display, a.peer_id)
+        assert delta["changed"] and delta["sync_type"] == "delta"
+        reused = b.store.db.deltas(name.full)[-1]
+        assert reused.bytes_local >= 4 * MiB and reused.bytes_fetched < 4 * MiB
+        assert b.store.get(name).raw == a.store.get(name).raw and b.store.verify(name.display).ok
 
 
 @asynccontextmanager
