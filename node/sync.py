@@ -15,8 +15,6 @@ under ``<tag>-conflict-<12 hex>``. ``manual`` leaves the model as it is until
 
 from __future__ import annotations
 
-import inspect
-import json
 import logging
 import time
 from collections.abc import Iterable
@@ -27,22 +25,21 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from node.catalog_service import open_catalog_client
-from node.config import SYNC_TYPES, SyncPolicy, parse_sync_policy
+from node.config import SYNC_TYPES, SyncPolicy
 from node.pull import PEER_ERRORS, PullError, fetch_version_data, write_model
-from protocols.catalog import display_name, glob_matches
+from node.sync_conflicts import FETCH_ERRORS, ConflictKeeper
+from node.sync_policies import PolicyBook
+from protocols.catalog import display_name
 from protocols.dag import (
     Resolution,
     SyncStateName,
     VersionDag,
     compare_heads,
-    conflict_tag,
     resolve,
     should_sign_merge,
 )
 from protocols.errors import ProtocolError
 from protocols.records import VersionRecord
-from storage.cas import StoreBusyError
-from storage.manifest import ManifestError
 from storage.names import InvalidName, ModelName, parse_model_name
 from storage.store import StoreError
 
@@ -51,12 +48,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("dmm.sync")
 
-_POLICIES_SETTING = "sync.policies"
-_KEPT_SETTING = "sync.kept."  # + full name: merges looked at and losers kept (keep-both)
 PEER_TIMEOUT = 15.0
 FIRST_PASS_DELAY = 10.0
-# What fetching a version may fail with, short of a bug: said in one line, the node stays up.
-FETCH_ERRORS = (PullError, StoreError, StoreBusyError, ManifestError, OSError)
 
 
 class SyncError(RuntimeError):
@@ -111,61 +104,27 @@ class SyncManager:
         self._locks: dict[str, trio.Lock] = {}
         self._running: set[str] = set()
         self._pending: dict[str, set[str]] = {}
-        self._reported: set[tuple[str, frozenset[bytes]]] = set()
         self._nursery: trio.Nursery | None = None
-        self._policies_changed = trio.Event()
-        self._runtime = self._load_policies()
+        self.policy_book = PolicyBook(node.store.db, node.config.sync)
+        self.keeper = ConflictKeeper(self)
         self.syncs = 0  # completed synchronize_model calls, for status and tests
 
-    # --- policies ----------------------------------------------------------------------------
-
-    def _load_policies(self) -> list[SyncPolicy]:
-        raw = self.node.store.db.get_setting(_POLICIES_SETTING)
-        policies: list[SyncPolicy] = []
-        for obj in json.loads(raw) if raw else []:
-            try:
-                policies.append(parse_sync_policy(obj, self.node.config.sync.default_policy()))
-            except ValueError as exc:  # written by an older dmm, or by hand
-                log.warning("sync policy %r in the database ignored: %s", obj, exc)
-        return policies
+    # --- policies (node/sync_policies.py) -----------------------------------------------------
 
     def policies(self) -> list[SyncPolicy]:
-        """Every policy, first match wins: run-time ones, ``[[sync.policies]]``, ``follow``."""
-        sync = self.node.config.sync
-        return [*self._runtime, *sync.policies, *(sync.default_policy(g) for g in sync.follow)]
+        return self.policy_book.policies()
 
     def policy_for(self, name: ModelName) -> SyncPolicy | None:
-        """The policy following ``name``, or ``None`` when no policy follows it."""
-        for policy in self.policies():
-            if glob_matches(policy.glob, name.display):
-                return policy
-        return None
+        return self.policy_book.policy_for(name)
 
     def effective_policy(self, name: ModelName) -> SyncPolicy:
-        """The policy of a followed model; for others the ``[sync]`` defaults."""
-        return self.policy_for(name) or self.node.config.sync.default_policy("*")
+        return self.policy_book.effective(name)
 
     async def set_policy(self, obj: dict[str, Any]) -> SyncPolicy:
-        """Add or replace (by glob) a run-time policy; raises ``ValueError`` on a bad one."""
-        policy = parse_sync_policy(obj, self.node.config.sync.default_policy())
-        self._runtime = [p for p in self._runtime if p.glob != policy.glob] + [policy]
-        await self._save_policies()
-        log.info("sync policy for %r set: %s", policy.glob, policy.to_json())
-        return policy
+        return await self.policy_book.set(obj)
 
     async def remove_policy(self, glob: str) -> bool:
-        kept = [p for p in self._runtime if p.glob != glob]
-        if len(kept) == len(self._runtime):
-            return False
-        self._runtime = kept
-        await self._save_policies()
-        log.info("sync policy for %r removed", glob)
-        return True
-
-    async def _save_policies(self) -> None:
-        text = json.dumps([p.to_json() for p in self._runtime])
-        await trio.to_thread.run_sync(self.node.store.db.set_setting, _POLICIES_SETTING, text)
-        self._policies_changed.set()
+        return await self.policy_book.remove(glob)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -177,8 +136,7 @@ class SyncManager:
                 async with trio.open_nursery() as loops:
                     for policy in self.policies():
                         loops.start_soon(self._policy_loop, policy)
-                    await self._policies_changed.wait()
-                    self._policies_changed = trio.Event()
+                    await self.policy_book.wait_changed()
                     loops.cancel_scope.cancel()
 
     async def _policy_loop(self, policy: SyncPolicy) -> None:
@@ -358,12 +316,12 @@ class SyncManager:
         if resolution is None:
             target = dag.resolved_head()
         else:
-            await self._report_conflict(name, resolution)
+            await self.keeper.report(name, resolution)
             target = None if policy.conflict_strategy == "manual" else resolution.winner
         fetched = 0
         changed = False
         if target is not None and target.manifest_digest != before:
-            fetched += await self._switch(name, target.manifest_digest, peers, kind)
+            fetched += await self.switch(name, target.manifest_digest, peers, kind)
             changed = True
             log.info(
                 "model %s now at version %s (%s), %d bytes fetched",
@@ -380,7 +338,7 @@ class SyncManager:
         ):
             merge = await self._sign_merge(name, resolution, resolution.winner)
         if policy.conflict_strategy == "keep-both":
-            kept, more = await self._keep_losers(name, before, peers, kind)
+            kept, more = await self.keeper.keep_losers(name, before, peers, kind)
             fetched += more
             changed = changed or bool(kept)
         if changed:
@@ -398,7 +356,7 @@ class SyncManager:
             "bytes_fetched": fetched,
         }
 
-    async def _switch(self, name: ModelName, digest: str, peers: list[str], kind: str) -> int:
+    async def switch(self, name: ModelName, digest: str, peers: list[str], kind: str) -> int:
         """Point ``name`` at manifest ``digest``, fetching what the store lacks.
 
         The peers at hand are tried first; the DHT is asked for more holders only when they
@@ -438,84 +396,6 @@ class SyncManager:
         except Exception as exc:  # a DHT with no peers fails puts; gossip still carried it
             log.info("model %s: merge not stored in the DHT (%s)", name.display, exc)
         return merge
-
-    async def _report_conflict(self, name: ModelName, resolution: Resolution) -> None:
-        """One log line and one ``on-conflict`` hook per distinct conflict."""
-        key = (name.full, frozenset(h.version_id for h in resolution.conflict.heads))
-        if key in self._reported:
-            return
-        self._reported.add(key)
-        versions = _hex(resolution.conflict.heads)
-        log.info(
-            "model %s: conflict between %s; %s picks %s",
-            name.display,
-            ", ".join(v[:12] for v in versions),
-            resolution.strategy,
-            resolution.original.version_id.hex()[:12],
-        )
-        hooks = getattr(self.node, "hooks", None)
-        if hooks is None:
-            return
-        try:
-            result = hooks.fire(
-                "on-conflict",
-                name.display,
-                versions=versions,
-                strategy=resolution.strategy,
-                winner=resolution.original.version_id.hex(),
-            )
-            if inspect.isawaitable(result):
-                await result
-        except Exception as exc:  # a broken hook must not stop syncing
-            log.warning("model %s: on-conflict hook failed: %s", name.display, exc)
-
-    async def _keep_losers(
-        self, name: ModelName, before: str | None, peers: list[str], kind: str
-    ) -> tuple[list[str], int]:
-        """keep-both: each loser of a merge that followed what we held, under its own tag.
-
-        Only merges descending from the version this node held count (a node that held
-        nothing lost nothing); each merge is looked at once, each loser kept once, so a
-        conflict tag someone deleted does not come back.
-        """
-        db = self.node.store.db
-        key = _KEPT_SETTING + name.full
-        raw = await trio.to_thread.run_sync(db.get_setting, key)
-        state = json.loads(raw) if raw else {"merges": [], "losers": []}
-        seen, kept = set(state["merges"]), set(state["losers"])
-        dag = VersionDag(await trio.to_thread.run_sync(self.node.book.records, name))
-        held = [r.version_id for r in dag.records() if r.manifest_digest == before]
-        made: list[str] = []
-        fetched = 0
-        for merge in dag.merges():
-            mid = merge.version_id.hex()
-            if mid in seen:
-                continue
-            if not any(dag.descends(merge.version_id, h) for h in held):
-                seen.add(mid)
-                continue
-            done = True
-            for loser in dag.merge_losers(merge):
-                lid = loser.version_id.hex()
-                if lid in kept:
-                    continue
-                target = name.with_tag(conflict_tag(name.tag, loser))
-                # Holders of the name itself may still hold the loser, or its blobs.
-                sources = [*peers, *await self.holders(name)]
-                try:
-                    fetched += await self._switch(target, loser.manifest_digest, sources, kind)
-                except FETCH_ERRORS as exc:
-                    log.warning("model %s: loser %s not kept: %s", name.display, lid[:12], exc)
-                    done = False
-                    continue
-                kept.add(lid)
-                made.append(target.display)
-                log.info("model %s: version %s kept as %s", name.display, lid[:12], target.display)
-            if done:
-                seen.add(mid)
-        text = json.dumps({"merges": sorted(seen), "losers": sorted(kept)})
-        await trio.to_thread.run_sync(db.set_setting, key, text)
-        return made, fetched
 
     # --- state -------------------------------------------------------------------------------
 
@@ -578,52 +458,16 @@ class SyncManager:
             models.setdefault(_display(full), []).append(state.to_json())
         return {
             "policies": [p.to_json() for p in self.policies()],
-            "runtime_policies": [p.glob for p in self._runtime],
+            "runtime_policies": self.policy_book.runtime_globs(),
             "syncs": self.syncs,
             "models": [{"model": m, "peers": peers} for m, peers in models.items()],
         }
 
-    # --- conflicts -----------------------------------------------------------------------------
+    # --- conflicts (node/sync_conflicts.py) ----------------------------------------------------
 
     async def conflicts(self) -> list[dict[str, Any]]:
         """Unsettled conflicts of the models held here or followed."""
-        held = {e.name.full for e in await trio.to_thread.run_sync(self.node.store.list_models)}
-        rows = await trio.to_thread.run_sync(self.node.store.db.versions_like, "%")
-        result = []
-        for full in sorted({row.name for row in rows} | held):
-            try:
-                name = parse_model_name(full)
-            except InvalidName:
-                continue
-            if full not in held and self.policy_for(name) is None:
-                continue
-            dag = VersionDag(await trio.to_thread.run_sync(self.node.book.records, name))
-            policy = self.effective_policy(name)
-            resolution = resolve(dag, policy.conflict_strategy, policy.trusted_authors)
-            if resolution is None:
-                continue
-            local = await trio.to_thread.run_sync(self.node.store.layout.read, name)
-            result.append(
-                {
-                    "model": name.display,
-                    "strategy": policy.conflict_strategy,
-                    "local": local.digest if local is not None else None,
-                    "suggested": resolution.winner.version_id.hex(),
-                    "heads": [
-                        {
-                            "version": h.version_id.hex(),
-                            "original": dag.original(h).version_id.hex(),
-                            "author": dag.original(h).author,
-                            "hlc": dag.original(h).hlc,
-                            "manifest": h.manifest_digest,
-                            "size": h.size,
-                            "merge": dag.is_merge(h),
-                        }
-                        for h in resolution.conflict.heads
-                    ],
-                }
-            )
-        return result
+        return await self.keeper.list()
 
     async def resolve_conflict(self, model: str, pick: str) -> dict[str, Any]:
         """Settle ``model``'s conflict on the head (or original) whose id starts with ``pick``."""
@@ -657,7 +501,7 @@ class SyncManager:
             fetched = 0
             if local is None or local.digest != winner.manifest_digest:
                 try:
-                    fetched = await self._switch(name, winner.manifest_digest, [], "delta")
+                    fetched = await self.switch(name, winner.manifest_digest, [], "delta")
                 except FETCH_ERRORS as exc:
                     raise SyncError(f"{name.display}: {exc}") from None
             merge = await self._sign_merge(name, resolution, winner)
