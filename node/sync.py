@@ -301,7 +301,8 @@ class SyncManager:
                 try:
                     self.node.book.accept(record)
                 except ProtocolError as exc:  # e.g. a clock far ahead of ours
-                    log.info("model %s: record %s refused: %s", name.display, record, exc)
+                    vid = record.version_id.hex()[:12]
+                    log.info("model %s: record %s refused: %s", name.display, vid, exc)
 
         await trio.to_thread.run_sync(accept_all)
 
