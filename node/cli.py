@@ -847,6 +847,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="override cleanup_age, e.g. 0s to remove every unreferenced blob",
     )
+
+    from node.sync_cli import add_sync_commands  # imported here: it imports this module
+
+    add_sync_commands(add)
     return parser
 
 
@@ -880,4 +884,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # `python -m node.cli`: modules that import node.cli (node/sync_cli.py) must get this
+    # module, not a second copy whose exception classes main() would not catch.
+    sys.modules.setdefault("node.cli", sys.modules[__name__])
     sys.exit(main())

@@ -98,6 +98,10 @@ KNOWN_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "delta_dir",
             "cas_dir",
             "follow",
+            "sync_type",
+            "conflict_strategy",
+            "trusted_authors",
+            "policies",
         ),
         "replication": (
             "default_min_replicas",
@@ -180,6 +184,79 @@ class StorageConfig:
     upload_rate_limit: int  # bytes/s, 0 = unlimited
 
 
+SyncType: TypeAlias = Literal["full", "delta"]
+SYNC_TYPES: Final[tuple[SyncType, ...]] = ("full", "delta")
+ConflictStrategy: TypeAlias = Literal["newest", "prefer-author", "keep-both", "manual"]
+CONFLICT_STRATEGIES: Final[tuple[ConflictStrategy, ...]] = (
+    "newest",
+    "prefer-author",
+    "keep-both",
+    "manual",
+)
+POLICY_KEYS: Final = ("glob", "interval", "sync_type", "conflict_strategy", "trusted_authors")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncPolicy:
+    """How the node keeps the models matching ``glob`` (over ``name:tag``) in sync."""
+
+    glob: str
+    interval: float
+    sync_type: SyncType
+    conflict_strategy: ConflictStrategy
+    trusted_authors: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "glob": self.glob,
+            "interval": self.interval,
+            "sync_type": self.sync_type,
+            "conflict_strategy": self.conflict_strategy,
+            "trusted_authors": list(self.trusted_authors),
+        }
+
+
+def parse_sync_policy(obj: object, defaults: SyncPolicy) -> SyncPolicy:
+    """A policy from a TOML table or JSON object; missing fields come from ``defaults``.
+
+    Raises ``ValueError("<field>: <problem>")``, one line.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"a policy is a table with a glob, got {_toml_type(obj)}")
+    for key in obj:
+        if key not in POLICY_KEYS:
+            raise ValueError(f"{key}: unknown key" + _suggest(str(key), POLICY_KEYS))
+    glob = obj.get("glob")
+    if not isinstance(glob, str) or not glob or len(glob) > 255:
+        raise ValueError('glob: expected a glob over name:tag such as "llama3*"')
+    interval = defaults.interval
+    if "interval" in obj:
+        value = obj["interval"]
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ValueError(f'interval: expected a duration such as "30s", got {_quote(value)}')
+        interval = parse_duration(value)
+        if interval <= 0:
+            raise ValueError(f"interval: {_quote(value)} must be longer than zero")
+    sync_type = obj.get("sync_type", defaults.sync_type)
+    if sync_type not in SYNC_TYPES:
+        raise ValueError(f"sync_type: {_quote(sync_type)} is not one of full, delta")
+    strategy = obj.get("conflict_strategy", defaults.conflict_strategy)
+    if strategy not in CONFLICT_STRATEGIES:
+        raise ValueError(
+            f"conflict_strategy: {_quote(strategy)} is not one of "
+            + ", ".join(CONFLICT_STRATEGIES)
+        )
+    trusted = obj.get("trusted_authors", list(defaults.trusted_authors))
+    if not isinstance(trusted, list | tuple) or not all(isinstance(t, str) for t in trusted):
+        raise ValueError("trusted_authors: expected an array of peer ids")
+    for peer in trusted:
+        try:
+            validate_peer_id(peer)
+        except ValueError as exc:
+            raise ValueError(f"trusted_authors: {exc}") from None
+    return SyncPolicy(glob, interval, sync_type, strategy, tuple(trusted))
+
+
 @dataclass(frozen=True, slots=True)
 class SyncConfig:
     sync_interval: float
@@ -190,6 +267,20 @@ class SyncConfig:
     delta_dir: Path
     cas_dir: Path
     follow: tuple[str, ...]
+    # Defaults for every followed model; [[sync.policies]] entries override them per glob.
+    sync_type: SyncType = "delta"
+    conflict_strategy: ConflictStrategy = "newest"
+    trusted_authors: tuple[str, ...] = ()
+    policies: tuple[SyncPolicy, ...] = ()
+
+    def default_policy(self, glob: str = "*") -> SyncPolicy:
+        return SyncPolicy(
+            glob=glob,
+            interval=self.sync_interval,
+            sync_type=self.sync_type,
+            conflict_strategy=self.conflict_strategy,
+            trusted_authors=self.trusted_authors,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -689,8 +780,10 @@ class _Loader:
                 "sync.min_chunk_size",
                 f"{format_size(low)} is above the chunker's limit of 1MiB",
             )
+        interval = self.duration("sync.sync_interval", "5m", positive=True)
+        defaults = self.sync_defaults(interval)
         return SyncConfig(
-            sync_interval=self.duration("sync.sync_interval", "5m", positive=True),
+            sync_interval=interval,
             worker_count=self.integer("sync.worker_count", 4, minimum=1),
             chunk_size=avg,
             min_chunk_size=low,
@@ -698,7 +791,38 @@ class _Loader:
             delta_dir=self.path("sync.delta_dir", lambda: data_dir / "deltas"),
             cas_dir=self.path("sync.cas_dir", lambda: data_dir / "cas"),
             follow=self.string_list("sync.follow"),
+            sync_type=defaults.sync_type,
+            conflict_strategy=defaults.conflict_strategy,
+            trusted_authors=defaults.trusted_authors,
+            policies=self.sync_policies(defaults),
         )
+
+    def sync_defaults(self, interval: float) -> SyncPolicy:
+        fields: dict[str, Any] = {}
+        for key in ("sync_type", "conflict_strategy", "trusted_authors"):
+            value = self.raw(f"sync.{key}")
+            if value is not _MISSING:
+                fields[key] = value
+        builtin = SyncPolicy("*", interval, "delta", "newest")
+        try:
+            return parse_sync_policy({"glob": "*", **fields}, builtin)
+        except ValueError as exc:
+            key, _, problem = str(exc).partition(": ")
+            raise self.error(f"sync.{key}", problem) from None
+
+    def sync_policies(self, defaults: SyncPolicy) -> tuple[SyncPolicy, ...]:
+        tables = self.typed("sync.policies", (list,), "an array of tables ([[sync.policies]])")
+        if tables is _MISSING:
+            return ()
+        policies = []
+        for i, table in enumerate(tables):
+            try:
+                policies.append(parse_sync_policy(table, defaults))
+            except ValueError as exc:
+                key, sep, problem = str(exc).partition(": ")
+                where = f"sync.policies[{i}].{key}" if sep else f"sync.policies[{i}]"
+                raise self.error(where, problem if sep else str(exc)) from None
+        return tuple(policies)
 
     def check_chunk_bound(self, key: str, size: int) -> None:
         if not CHUNK_SIZE_MIN <= size <= CHUNK_SIZE_MAX:

@@ -32,7 +32,7 @@ from node.catalog_service import (
 )
 from node.config import Config
 from node.dht import Dht
-from node.hooks import HookError, HookFn, Hooks
+from node.hooks import HookFn, Hooks
 from node.http import serve_http
 from node.identity import Identity, load_or_create_identity
 from node.limits import Limits
@@ -44,6 +44,7 @@ from node.p2p import P2PError, P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
+from node.sync import SyncManager
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
 from protocols.records import VERSION_KEY_PREFIX, Announcement, VersionRecord
@@ -145,7 +146,6 @@ class Node:
         self.metrics = PerformanceMonitor(self, interval=config.metrics.interval)
         self.activity = Activity()
         self._nursery: trio.Nursery | None = None
-        self._pulling: set[str] = set()
         self.started_at = trio.current_time()
         self.api_urls: list[str] = []
         self.shutdown = trio.Event()
@@ -158,6 +158,7 @@ class Node:
         # Pre-hooks may refuse pull, push, delete; sync and replication fire their own events.
         self.hooks = Hooks(config.hooks.commands, timeout=config.hooks.timeout)
         self.hooks.setup_default_hooks()
+        self.sync = SyncManager(self)
 
     @property
     def peer_id(self) -> str:
@@ -169,6 +170,7 @@ class Node:
         async with trio.open_nursery() as nursery:
             await nursery.start(self.dht.run)
             await nursery.start(self.announcer.run)
+            await nursery.start(self.sync.run)
             guard = self.limits.guard
             self.host.set_stream_handler(
                 CATALOG_PROTOCOL, guard(CATALOG_PROTOCOL, self.catalog.handle)
@@ -266,7 +268,9 @@ class Node:
             changed = [e for e in entries if self._published.get(e.name.full) != e.digest]
             records: list[VersionRecord] = []
             for entry in changed:
-                records.append(await self._publish(entry.name, entry.digest, entry.manifest))
+                records.append(
+                    await self._publish(entry.name, entry.digest, entry.manifest, held=True)
+                )
             removed = [name for name in self._published if name not in current]
             for name in removed:
                 self.audit.record("delete", model=name, version=self._published[name])
@@ -283,11 +287,16 @@ class Node:
                     self.activity.event("published", "version record signed", model=record.name)
             return {"published": len(changed), "removed": len(removed), "models": len(entries)}
 
-    async def _publish(self, name: ModelName, digest: str, manifest: Manifest) -> VersionRecord:
-        """Record, provide and store in the DHT one model version; the caller announces it."""
-        record = await trio.to_thread.run_sync(
-            self.book.record_local, name, digest, manifest.total_size
-        )
+    async def _publish(
+        self, name: ModelName, digest: str, manifest: Manifest, *, held: bool = False
+    ) -> VersionRecord:
+        """Record, provide and store in the DHT one model version; the caller announces it.
+
+        ``held``: what the store holds is taken as the known version naming its manifest,
+        if there is one (``VersionBook.record_held``), rather than made the newest.
+        """
+        sign = self.book.record_held if held else self.book.record_local
+        record = await trio.to_thread.run_sync(sign, name, digest, manifest.total_size)
         await self._provide(name, manifest.blob_digests())
         try:
             await self.dht.put_version(record)
@@ -319,31 +328,8 @@ class Node:
             self.activity.event(
                 "announced", f"version {vid[:12]}", model=record.name, peer=peer_id
             )
-            self._follow(record)
-
-    def _follow(self, record: VersionRecord) -> None:
-        """Pull on our own when ``[sync] follow`` names an announced model."""
-        name = f"{display_name(record.model)}:{record.tag}"
-        follows = any(glob_matches(glob, name) for glob in self.config.sync.follow)
-        if not follows or record.name in self._pulling or self._nursery is None:
-            return
-        self._pulling.add(record.name)
-        self._nursery.start_soon(self._pull_followed, record.name)
-
-    async def _pull_followed(self, full_name: str) -> None:
-        async def quiet(event: dict[str, Any]) -> None:
-            pass
-
-        try:
-            result = await self.pull(full_name, quiet)
-            if not result["already_complete"]:
-                log.info(
-                    "followed model %s pulled: %d bytes fetched", full_name, result["bytes_fetched"]
-                )
-        except (PullError, HookError) as exc:
-            log.warning("followed model %s not pulled: %s", full_name, exc)
-        finally:
-            self._pulling.discard(full_name)
+            # A followed model syncs with the announcer at once (node/sync.py).
+            self.sync.on_announced(peer_id, record)
 
     def add_model_hook(self, event: str, fn: HookFn) -> None:
         """Run ``fn(HookEvent)`` on ``event`` (see node/hooks.py); sync or async."""

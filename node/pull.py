@@ -22,6 +22,7 @@ import trio
 from node.catalog_service import CatalogError, open_catalog_client
 from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
+from protocols.dag import VersionDag
 from protocols.records import VersionRecord
 from storage.fsutil import StoreFullError
 from storage.manifest import Layer, Manifest, ManifestError, parse_manifest
@@ -110,7 +111,9 @@ async def newest_record(
     await trio.to_thread.run_sync(node.book.accept_many, candidates)
     parents = {p for r in records.values() for p in r.parents}
     heads = [r for r in candidates if r.version_id not in parents] or candidates
-    newest = max(heads, key=lambda r: (r.hlc, r.version_id))
+    # A merge ranks as the version it chose (protocols/dag.py), as the sync's `newest` does.
+    dag = VersionDag(records.values())
+    newest = max(heads, key=lambda r: (dag.rank(r), r.version_id))
     # Anyone holding the same manifest can serve its blobs, whichever version names it.
     serving = {
         peer
@@ -228,7 +231,13 @@ async def _pull_layers(
 
 
 async def fetch_layer(
-    node: Node, name: ModelName, layer: Layer, serving: list[str], emit: Emit
+    node: Node,
+    name: ModelName,
+    layer: Layer,
+    serving: list[str],
+    emit: Emit,
+    *,
+    reuse_local: bool = True,
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
     sources = await _blob_sources(node, layer.digest, serving)
@@ -284,6 +293,7 @@ async def fetch_layer(
                     on_progress=on_progress,
                     live=node.live_chunks,
                     discover=discover,
+                    reuse_local=reuse_local,
                 )
             except TransferError as exc:
                 raise PullError(str(exc)) from None
@@ -342,3 +352,46 @@ def write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) 
     node.store.db.upsert_model(
         name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size
     )
+
+
+async def _no_progress(event: dict[str, Any]) -> None:
+    pass
+
+
+async def fetch_version_data(
+    node: Node,
+    name: ModelName,
+    manifest_digest: str,
+    peers: list[str],
+    *,
+    reuse_local: bool = True,
+    emit: Emit = _no_progress,
+) -> tuple[bytes, Manifest, int]:
+    """Manifest ``manifest_digest`` and every blob it names, in the local store.
+
+    No name is written: the caller decides which tag gets the manifest (``write_model``).
+    Taken from the store when it already holds them all; otherwise the manifest comes from
+    the first of ``peers`` that has it and each missing blob from them and the blob's DHT
+    providers. Returns ``(raw manifest, manifest, bytes fetched)``; raises ``PullError``.
+    """
+    from node.catalog_service import StoreCatalogSource
+
+    source = StoreCatalogSource(node.store, node.book)
+    held = await trio.to_thread.run_sync(source.manifest, manifest_digest)
+    if held is not None:
+        raw = held[1]
+        manifest = parse_manifest(raw)
+    else:
+        raw, manifest = await fetch_manifest(node, manifest_digest, peers)
+    fetched = 0
+    for layer in manifest.all_layers():
+        if node.store.cas.location(layer.digest) == "file":
+            continue
+        result = await fetch_layer(node, name, layer, peers, emit, reuse_local=reuse_local)
+        fetched += result.bytes_fetched
+    return raw, manifest, fetched
+
+
+def write_model(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
+    """Point ``name`` at a manifest whose blobs are all in place (blocking; run in a thread)."""
+    write_manifest(node, name, raw, manifest)

@@ -152,6 +152,7 @@ async def fetch_blob(
     limiter: trio.CapacityLimiter | None = None,
     live: LiveChunks | None = None,
     discover: Discover | None = None,
+    reuse_local: bool = True,
 ) -> FetchResult:
     """Fetch blob ``digest`` (``size`` bytes, cut into ``chunks``) for ``model``.
 
@@ -162,7 +163,9 @@ async def fetch_blob(
     threads hashing and writing (one per fetch when not given). ``live``, when given,
     shares the verified chunks with peers while the fetch runs. ``discover()`` is asked
     now and then for more providers (other nodes fetching the same blob join that way).
-    Returns when the blob is in the store under its name, indexed.
+    ``reuse_local=False`` fetches every chunk from peers (a "full" sync) instead of
+    copying those local blobs hold. Returns when the blob is in the store under its name,
+    indexed.
     """
     digest = parse_digest(digest)
     if not 1 <= window <= DEFAULT_MAX_WANTLIST:
@@ -188,6 +191,9 @@ async def fetch_blob(
     try:
         resumed = blob.done_bytes
         plan = await in_thread(partial(tracker.create_delta, model, source, blob.chunks, digest))
+        if not reuse_local:
+            plan.fetch.extend(op.index for op in plan.copy_local)
+            plan.copy_local.clear()
         copied = await in_thread(partial(tracker.apply_delta, blob, plan))
         if on_progress is not None and resumed + copied:
             on_progress(resumed + copied)

@@ -73,23 +73,57 @@ class VersionBook:
         return max(heads, key=lambda r: (r.hlc, r.version_id))
 
     def record_local(self, name: ModelName, manifest_digest: str, size: int) -> VersionRecord:
-        """The record for ``name`` now pointing at ``manifest_digest``; new only if it changed."""
+        """The record for ``name`` now pointing at ``manifest_digest``; new only if it changed.
+
+        A manifest some head already names is no change: the store holds a version we know
+        (pulled, or one side of a conflict), and signing a record on top of every head here
+        would settle a conflict behind the sync policy's back. Settling is ``record_merge``.
+        """
         with self._lock:
             heads = self.heads(name)
-            for head in heads:
-                if head.manifest_digest == manifest_digest and len(heads) == 1:
-                    return head
-            record = VersionRecord.sign(
-                model=f"{name.host}/{name.namespace}/{name.model}",
-                tag=name.tag,
-                manifest_digest=manifest_digest,
-                size=size,
-                parents=[h.version_id for h in heads],
-                hlc=self._tick(),
-                signing_key=self.identity.signing_key,
+            same = [h for h in heads if h.manifest_digest == manifest_digest]
+            if same:
+                return max(same, key=lambda r: (r.hlc, r.version_id))
+            return self._sign(name, manifest_digest, size, [h.version_id for h in heads])
+
+    def record_held(self, name: ModelName, manifest_digest: str, size: int) -> VersionRecord:
+        """The record for what the store holds under ``name``, after any change to it.
+
+        A manifest some known version names is that version (the newest such), even when it
+        is no head any more: a sync or pull wrote it, and records arriving meanwhile must
+        not turn that write into a new local version on top of them. Only a manifest no
+        version names is a local change (``record_local``). A user's own edit goes through
+        ``record_local`` first (``dmm add``), so reverting to an older file still counts.
+        """
+        with self._lock:
+            same = [r for r in self.records(name) if r.manifest_digest == manifest_digest]
+            if same:
+                return max(same, key=lambda r: (r.hlc, r.version_id))
+        return self.record_local(name, manifest_digest, size)
+
+    def record_merge(
+        self, name: ModelName, parents: Iterable[VersionRecord], winner: VersionRecord
+    ) -> VersionRecord:
+        """A merge record: ``parents`` (the conflicting heads) settled on ``winner``'s manifest."""
+        with self._lock:
+            return self._sign(
+                name, winner.manifest_digest, winner.size, [p.version_id for p in parents]
             )
-            self._store(record)
-            return record
+
+    def _sign(
+        self, name: ModelName, manifest_digest: str, size: int, parents: list[bytes]
+    ) -> VersionRecord:
+        record = VersionRecord.sign(
+            model=f"{name.host}/{name.namespace}/{name.model}",
+            tag=name.tag,
+            manifest_digest=manifest_digest,
+            size=size,
+            parents=parents,
+            hlc=self._tick(),
+            signing_key=self.identity.signing_key,
+        )
+        self._store(record)
+        return record
 
     def accept(self, record: VersionRecord) -> bool:
         """Keep a verified record from a peer; False if it was already known.
