@@ -15,6 +15,7 @@ import trio
 
 from node.http import HTTPError, Request, Response, Router, json_response, ndjson_response
 from node.pull import PullError
+from node.replication_api import add_replication_routes
 from storage.gguf import GGUFError, details
 from storage.names import InvalidName, parse_model_name
 
@@ -148,5 +149,7 @@ def build_router(node: Node) -> Router:
     @router.route("POST", "/api/dmm/refresh")
     async def refresh(request: Request) -> Response:
         return json_response(await node.refresh())
+
+    add_replication_routes(router, node)
 
     return router

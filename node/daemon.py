@@ -37,6 +37,7 @@ from node.p2p import P2PError, P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
+from node.replication import ReplicationManager
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
 from protocols.records import Announcement, VersionRecord
@@ -120,6 +121,7 @@ class Node:
         self._gossip_records: dict[str, VersionRecord] = {}
         self._published: dict[str, str] = {}  # full name:tag -> manifest digest provided
         self._publish_lock = trio.Lock()
+        self.replication = ReplicationManager(self)
 
     @property
     def peer_id(self) -> str:
@@ -145,6 +147,7 @@ class Node:
             if self.config.network.mdns:
                 await nursery.start(MdnsDiscovery(self.host, self._on_lan_peer).run)
             nursery.start_soon(self._publish_store_at_start)
+            await nursery.start(self.replication.run)
             log.info(
                 "node %s up: p2p %s, api %s",
                 self.peer_id,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -98,11 +98,22 @@ async def _manifest(node: Node, digest: str, peers: list[str]) -> tuple[bytes, M
     raise PullError(f"no peer sent manifest {digest}")
 
 
-async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
-    """Bring ``name_text`` into the local store; returns a summary of what moved."""
+async def pull_model(
+    node: Node,
+    name_text: str,
+    emit: Emit,
+    *,
+    pinned: bool = True,
+    peers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Bring ``name_text`` into the local store; returns a summary of what moved.
+
+    ``pinned=False`` marks a replica-only copy (replication may release it later); a copy
+    that was pinned stays pinned. ``peers`` are asked along with the holders found.
+    """
     name = parse_model_name(name_text)
     await emit({"status": "pulling manifest"})
-    holders = await _holders(node, name)
+    holders = list(dict.fromkeys([*peers, *await _holders(node, name)]))
     local = await trio.to_thread.run_sync(node.store.layout.read, name)
     complete = local is not None and all(
         node.store.cas.location(d) == "file" for d in local.manifest.blob_digests()
@@ -116,6 +127,11 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     if complete and (
         record is None or (local is not None and local.digest == record.manifest_digest)
     ):
+        if pinned and local is not None:
+            # A user pulling a replica-only copy makes it theirs: never released after.
+            await trio.to_thread.run_sync(
+                node.store.db.upsert_model, name.full, local.digest, local.manifest.total_size
+            )
         await emit({"status": "success", "already_complete": True})
         return {"model": name.display, "already_complete": True, "bytes_fetched": 0}
     assert record is not None
@@ -132,7 +148,7 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
         peers_used.update(result.peers_used)
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
-    await trio.to_thread.run_sync(_write_manifest, node, name, raw, manifest)
+    await trio.to_thread.run_sync(_write_manifest, node, name, raw, manifest, pinned)
     await node.refresh()
     await emit(
         {
@@ -235,7 +251,9 @@ async def _chunk_list(node: Node, digest: str, peers: list[str]) -> tuple[int, l
     raise PullError(f"no peer sent the chunk list of blob {digest}")
 
 
-def _write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
+def _write_manifest(
+    node: Node, name: ModelName, raw: bytes, manifest: Manifest, pinned: bool
+) -> None:
     """Last step: the manifest appears only once every blob it names is in place."""
     with node.store.cas.commit_lock():
         missing = [d for d in manifest.blob_digests() if node.store.cas.location(d) != "file"]
@@ -243,5 +261,5 @@ def _write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest)
             raise PullError(f"blob {missing[0]} vanished before the manifest was written")
         node.store.layout.write_raw(name, raw)
     node.store.db.upsert_model(
-        name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size
+        name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size, pinned
     )

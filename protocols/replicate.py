@@ -14,9 +14,10 @@ Requests and their answers:
   would accept for new replicas, and its replication jobs in flight — what a healer ranks
   candidates by. Asked on demand rather than gossiped: free space changes all the time,
   gossipsub silently drops bursts, and only a healer ever needs it.
-- ``Replicate(name, manifest_digest, size, policy, constraints)`` -> ``ReplicateReply(code,
-  reason)``: "please hold this version, because policy ``policy``"; the target decides by
-  its own capacity and policies. ``code`` is ``accepted`` (it pulls the model now),
+- ``Replicate(name, manifest_digest, size, policy, peers)`` -> ``ReplicateReply(code,
+  reason)``: "please hold this version, because of ``policy``" (the whole policy travels, so
+  every holder can heal the model later); the target decides by its own capacity and
+  policies. ``code`` is ``accepted`` (it pulls the model now),
   ``holding`` (it has it already), or a refusal: ``capacity``, ``policy``, ``busy``.
 - ``ErrorReply(code, message)`` answers a request the server could not read or serve.
 
@@ -45,6 +46,7 @@ from ._checks import (
     get_bool,
     get_bytes,
     get_int,
+    get_list_of,
     get_str,
 )
 from ._machine import NEED_DATA, NeedData, Role
@@ -69,6 +71,7 @@ __all__ = [
     "Message",
     "NeedData",
     "Ping",
+    "PolicySpec",
     "Pong",
     "ReplicateConnection",
     "ReplicateReply",
@@ -82,14 +85,17 @@ __all__ = [
 ]
 
 PROTOCOL_ID = "/dmm/replicate/1"
-# The largest message is a Status with 32 tags of 64 + 256 characters: well under 16 KiB.
-MAX_FRAME = 16 * 1024
+# The largest message, a Replicate with 32 constraints and 3 x 64 peer ids, is ~22 KiB.
+MAX_FRAME = 32 * 1024
 MAX_TAGS = 32
 MAX_TAG_KEY = 64
 MAX_TAG_VALUE = 256
 MAX_NAME = 255
 MAX_POLICY = 256
 MAX_REASON = 512
+MAX_REPLICAS = 1000
+MAX_PEERS = 64
+MAX_PEER_ID = 64
 U64 = 1 << 64
 CHUNK_ID_SIZE = 32
 REPLY_CODES = frozenset({"accepted", "holding", "capacity", "policy", "busy"})
@@ -123,17 +129,33 @@ class GetStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicySpec:
+    """The requester's policy, carried with the request so that every holder knows it and
+    can heal the model when the requester is gone."""
+
+    glob: str
+    min_replicas: int
+    max_replicas: int
+    replication_factor: int
+    priority: int = 0
+    # Mappings are unhashable: left out of the hash, still compared by content.
+    constraints: Mapping[str, str] = field(default_factory=dict, hash=False)
+    preferred_peers: tuple[str, ...] = ()
+    excluded_peers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class ReplicateRequest:
-    """Hold version ``manifest_digest`` (``size`` bytes) of ``name`` because of ``policy``
-    (the requester's policy glob); ``constraints`` are the tags the holder must carry."""
+    """Hold version ``manifest_digest`` (``size`` bytes) of ``name`` because of ``policy``."""
 
     TYPE: ClassVar[str] = "replicate"
     name: str
     manifest_digest: str
     size: int
-    policy: str
-    # Mappings are unhashable: left out of the hash, still compared by content.
-    constraints: Mapping[str, str] = field(hash=False)
+    policy: PolicySpec
+    # The other holders and the peers asked along with this one: the target counts them
+    # as copies from the start, so it never heals a model that is already being healed.
+    peers: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,6 +259,39 @@ def _tags(obj: Mapping[str, Value], key: str) -> Mapping[str, str]:
     return MappingProxyType(tags)
 
 
+def _peer_list(obj: Mapping[str, Value], key: str) -> tuple[str, ...]:
+    peers = get_list_of(obj, key, MAX_PEERS, str)
+    for peer in peers:
+        # Base58 peer ids; their full check is the node's business, the shape is ours.
+        if not 1 <= len(peer) <= MAX_PEER_ID or not peer.isalnum() or not peer.isascii():
+            raise Invalid(f"{key!r} holds {peer[:60]!r}, which is not a peer id")
+    return tuple(peers)
+
+
+def _policy(value: Value) -> PolicySpec:
+    if type(value) is not dict:
+        raise Invalid(f"'p' must be a map, not {type(value).__name__}")
+    check_keys(value, ("g", "lo", "hi", "f", "pr", "k", "y", "x"))
+    glob = get_str(value, "g", MAX_POLICY)
+    if not glob:
+        raise Invalid("policy glob is empty")
+    low = get_int(value, "lo", 1, MAX_REPLICAS + 1)
+    high = get_int(value, "hi", 1, MAX_REPLICAS + 1)
+    factor = get_int(value, "f", 1, MAX_REPLICAS + 1)
+    if not low <= factor <= high:
+        raise Invalid(f"policy counts out of order: min {low}, factor {factor}, max {high}")
+    return PolicySpec(
+        glob=glob,
+        min_replicas=low,
+        max_replicas=high,
+        replication_factor=factor,
+        priority=get_int(value, "pr", -1000, 1001),
+        constraints=_tags(value, "k"),
+        preferred_peers=_peer_list(value, "y"),
+        excluded_peers=_peer_list(value, "x"),
+    )
+
+
 def _to_map(message: Message) -> dict[str, Value]:
     fields: dict[str, Value] = {"t": message.TYPE}
     match message:
@@ -246,13 +301,22 @@ def _to_map(message: Message) -> dict[str, Value]:
             fields.update(m=name, b=blob, c=chunk)
         case GetStatus():
             pass
-        case ReplicateRequest():
+        case ReplicateRequest(policy=policy):
             fields.update(
                 m=message.name,
                 d=message.manifest_digest,
                 s=message.size,
-                p=message.policy,
-                k=dict(message.constraints),
+                p={
+                    "g": policy.glob,
+                    "lo": policy.min_replicas,
+                    "hi": policy.max_replicas,
+                    "f": policy.replication_factor,
+                    "pr": policy.priority,
+                    "k": dict(policy.constraints),
+                    "y": list(policy.preferred_peers),
+                    "x": list(policy.excluded_peers),
+                },
+                o=list(message.peers),
             )
         case HaveReply(model_held=model_held, chunk_held=chunk_held, pinned=pinned):
             fields.update(h=model_held, c=chunk_held, p=pinned)
@@ -279,13 +343,13 @@ def _decode_fields(kind: str, obj: Mapping[str, Value]) -> Message:
         check_keys(obj, ("t",))
         return GetStatus()
     if kind == "replicate":
-        check_keys(obj, ("t", "m", "d", "s", "p", "k"))
+        check_keys(obj, ("t", "m", "d", "s", "p", "o"))
         name = get_str(obj, "m", MAX_NAME)
         _check_name(name)
         digest = get_str(obj, "d", 80)
         check_digest(digest)
-        policy = get_str(obj, "p", MAX_POLICY)
-        return ReplicateRequest(name, digest, get_int(obj, "s", 0, U64), policy, _tags(obj, "k"))
+        size = get_int(obj, "s", 0, U64)
+        return ReplicateRequest(name, digest, size, _policy(obj["p"]), _peer_list(obj, "o"))
     if kind == "have-reply":
         check_keys(obj, ("t", "h", "c", "p"))
         return HaveReply(get_bool(obj, "h"), get_bool(obj, "c"), get_bool(obj, "p"))
@@ -329,7 +393,7 @@ class _Malformed(RemoteProtocolError):
 
 def decode_message(payload: bytes) -> Message:
     """One message from one frame's payload; ``RemoteProtocolError`` if it is not one."""
-    obj = _cbor.loads(payload, max_depth=2)
+    obj = _cbor.loads(payload, max_depth=3)
     if not isinstance(obj, dict):
         raise _Malformed("replicate message is not a CBOR map", None)
     kind = obj.get("t")

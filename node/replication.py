@@ -1,0 +1,650 @@
+"""ReplicationManager (``node.replication``): policies, health checks and healing.
+
+For every model in the store that a policy covers, the manager keeps a view of its
+holders. Every ``health_check_interval`` it probes each known holder over
+``/dmm/replicate/1`` — a ``Ping`` and a ``Have`` for one randomly sampled chunk, on one
+stream, under ``health_check_timeout`` — and marks it ``healthy``, ``degraded`` (answers,
+but lacks the chunk) or ``unreachable``. Every ``policy_enforcement_interval`` (or a
+policy's own ``sync_interval``, or at once after a policy change) it also rediscovers the
+holders (DHT providers and gossip). After each round it acts, with no coordinator:
+
+- fewer healthy, well-placed copies than ``min_replicas`` (or than the factor, on an
+  enforcement round): the leader (lowest peer id among healthy holders) asks the peers
+  ``replication_policy.placement`` ranks first, until ``replication_factor`` is reached;
+- more than ``max_replicas``: each holder of a replica-only copy that
+  ``replication_policy.releases`` names releases its own. A pinned copy (a user added,
+  pulled or imported it here) is never released.
+
+A target decides a request by its own rules (``answer_replicate``): its capacity, its
+tags against the policy's constraints, its own policies' exclusions, and its free worker
+slots. An accepted model is pulled with ``pinned=False`` and the requester's policy is
+kept with it, so the copy can heal the model after the requester is gone.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from node.p2p import P2PError
+from node.replication_policy import (
+    Candidate,
+    HolderView,
+    Policy,
+    PolicyDefaults,
+    leader,
+    parse_policy,
+    placement,
+    releases,
+    select_policy,
+)
+from node.replication_service import (
+    PROTOCOL_ID,
+    ReplicateError,
+    ReplicateServer,
+    open_replicate_client,
+)
+from protocols.replicate import (
+    MAX_PEERS,
+    Have,
+    HaveReply,
+    PolicySpec,
+    ReplicateReply,
+    ReplicateRequest,
+    Status,
+)
+from storage.names import InvalidName, parse_model_name
+
+if TYPE_CHECKING:
+    from node.daemon import Node
+
+__all__ = ["ReplicaState", "ReplicationManager", "policy_from_spec", "spec_from_policy"]
+
+log = logging.getLogger("dmm.replication")
+
+POLICIES_SETTING = "replication.policies"
+ADOPTED_SETTING = "replication.adopted"
+PEER_ERRORS = (P2PError, ReplicateError, trio.BrokenResourceError, trio.TooSlowError, OSError)
+# Free disk a node keeps for itself when it takes replicas.
+DISK_RESERVE = 256 * 1024 * 1024
+# An accepted request counts as a copy for this long while the target fetches it.
+PENDING_MIN = 60.0
+
+
+@dataclass(slots=True)
+class ReplicaState:
+    """One holder of one model, as the last check saw it."""
+
+    peer_id: str
+    health: str = "unknown"  # healthy | degraded | unreachable | unknown
+    pinned: bool | None = None
+    rtt_ms: float | None = None
+    checked_at: float | None = None
+    error: str | None = None
+
+    def to_json(self, local: bool) -> dict[str, Any]:
+        return {
+            "peer_id": self.peer_id,
+            "local": local,
+            "health": self.health,
+            "pinned": self.pinned,
+            "rtt_ms": self.rtt_ms,
+            "checked_at": self.checked_at,
+            "error": self.error,
+        }
+
+
+@dataclass(slots=True)
+class ModelView:
+    name: str  # full host/namespace/model:tag
+    display: str
+    manifest_digest: str
+    size: int
+    policy: Policy | None
+    sample_blob: str | None = None
+    holders: dict[str, ReplicaState] = field(default_factory=dict)
+    pending: dict[str, float] = field(default_factory=dict)  # peer -> deadline
+    status: str = "unknown"
+    discovered_at: float = 0.0
+
+
+def spec_from_policy(policy: Policy) -> PolicySpec:
+    return PolicySpec(
+        glob=policy.glob,
+        min_replicas=policy.min_replicas,
+        max_replicas=policy.max_replicas,
+        replication_factor=policy.replication_factor,
+        priority=policy.priority,
+        constraints=dict(policy.constraints),
+        preferred_peers=policy.preferred_peers,
+        excluded_peers=policy.excluded_peers,
+    )
+
+
+def policy_from_spec(spec: PolicySpec) -> Policy:
+    return parse_policy(
+        {
+            "glob": spec.glob,
+            "min_replicas": spec.min_replicas,
+            "max_replicas": spec.max_replicas,
+            "replication_factor": spec.replication_factor,
+            "priority": spec.priority,
+            "constraints": dict(spec.constraints),
+            "preferred_peers": list(spec.preferred_peers),
+            "excluded_peers": list(spec.excluded_peers),
+        },
+        PolicyDefaults(),
+    )
+
+
+class ReplicationManager:
+    """Owned by ``Node``; ``run`` serves ``/dmm/replicate/1`` and runs the checks."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.config = node.config.replication
+        self.defaults = PolicyDefaults(
+            self.config.default_min_replicas,
+            self.config.default_max_replicas,
+            self.config.default_replication_factor,
+        )
+        self.server = ReplicateServer(self)
+        self._policies: dict[str, Policy] = {p.glob: p for p in self.config.policies}
+        self._adopted: dict[str, Policy] = {}
+        self._views: dict[str, ModelView] = {}
+        self._jobs: dict[str, str] = {}  # model being fetched for a peer -> that peer
+        # Peers a requester named as holding or asked (model -> peer -> deadline): they
+        # count as copies in this node's first rounds, before it can see them itself.
+        self._hints: dict[str, dict[str, float]] = {}
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._last_enforced: dict[str, float] = {}
+        # For the benchmark and tests: when the last replication request was sent.
+        self.requests_sent = 0
+        self.last_request_at: float | None = None
+
+    # --- lifecycle ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await trio.to_thread.run_sync(self._load_settings)
+        self.node.host.set_stream_handler(PROTOCOL_ID, self.server.handle)
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await self._loop()
+
+    def _load_settings(self) -> None:
+        db = self.node.store.db
+        for raw in json.loads(db.get_setting(POLICIES_SETTING) or "[]"):
+            policy = parse_policy(raw, self.defaults)
+            self._policies[policy.glob] = policy
+        for name, raw in json.loads(db.get_setting(ADOPTED_SETTING) or "{}").items():
+            self._adopted[name] = parse_policy(raw, self.defaults)
+
+    def _save_settings(self) -> None:
+        db = self.node.store.db
+        configured = {p.glob: p for p in self.config.policies}
+        runtime = [p.to_json() for g, p in self._policies.items() if configured.get(g) != p]
+        db.set_setting(POLICIES_SETTING, json.dumps(runtime))
+        db.set_setting(
+            ADOPTED_SETTING, json.dumps({n: p.to_json() for n, p in self._adopted.items()})
+        )
+
+    async def _loop(self) -> None:
+        interval = self.config.health_check_interval
+        while True:
+            started = trio.current_time()
+            await self.check_all(enforce=False)
+            with trio.move_on_at(started + interval):
+                await self._wake.wait()
+            if self._wake.is_set():
+                self._wake = trio.Event()
+
+    # --- policies -----------------------------------------------------------------------
+
+    def policies(self) -> list[Policy]:
+        return list(self._policies.values())
+
+    async def set_replication_policy(self, policy: Policy) -> None:
+        """Add or replace (same glob) a policy; persisted, and enforced at once."""
+        self._policies[policy.glob] = policy
+        await trio.to_thread.run_sync(self._save_settings)
+        log.info(
+            "policy %r set: min %d, max %d, factor %d",
+            policy.glob,
+            policy.min_replicas,
+            policy.max_replicas,
+            policy.replication_factor,
+        )
+        self._last_enforced.clear()
+        self._wake.set()
+
+    def policy_for(self, name_full: str, display: str) -> Policy | None:
+        own = select_policy(self._policies.values(), display)
+        return own if own is not None else self._adopted.get(name_full)
+
+    # --- queries ------------------------------------------------------------------------
+
+    def get_replicas(self, model: str) -> dict[str, Any]:
+        name = parse_model_name(model)
+        view = self._views.get(name.full)
+        if view is None:
+            raise KeyError(f"{name.display} is not held here, or no check has run yet")
+        return self._view_json(view)
+
+    def get_all_replicas(self) -> list[dict[str, Any]]:
+        return [self._view_json(v) for _, v in sorted(self._views.items())]
+
+    def _view_json(self, view: ModelView) -> dict[str, Any]:
+        me = self.node.peer_id
+        healthy = sum(1 for h in view.holders.values() if h.health == "healthy")
+        return {
+            "model": view.display,
+            "name": view.name,
+            "digest": view.manifest_digest,
+            "size": view.size,
+            "policy": None if view.policy is None else view.policy.to_json(),
+            "healthy": healthy,
+            "status": view.status,
+            "pending": sorted(view.pending),
+            "replicas": [
+                h.to_json(p == me) for p, h in sorted(view.holders.items(), key=lambda kv: kv[0])
+            ],
+        }
+
+    # --- the rounds ---------------------------------------------------------------------
+
+    async def check_all(self, *, enforce: bool) -> None:
+        """One round over every local model a policy covers; fixes what it finds."""
+        entries = await trio.to_thread.run_sync(self.node.store.list_models)
+        seen: set[str] = set()
+        now = trio.current_time()
+        work: list[tuple[int, ModelView, bool]] = []
+        for entry in entries:
+            policy = self.policy_for(entry.name.full, entry.name.display)
+            view = self._views.get(entry.name.full)
+            if view is None or view.manifest_digest != entry.digest:
+                layers = sorted(entry.manifest.layers, key=lambda layer: -layer.size)
+                view = ModelView(
+                    entry.name.full,
+                    entry.name.display,
+                    entry.digest,
+                    entry.size,
+                    policy,
+                    layers[0].digest if layers else None,
+                )
+                self._views[entry.name.full] = view
+                view.pending.update(self._hints.pop(entry.name.full, {}))
+            view.policy = policy
+            seen.add(entry.name.full)
+            if policy is None:
+                view.status = "no-policy"
+                view.holders.setdefault(self.node.peer_id, ReplicaState(self.node.peer_id))
+                continue
+            every = policy.sync_interval or self.config.policy_enforcement_interval
+            due = enforce or now - self._last_enforced.get(entry.name.full, -1e9) >= every
+            work.append((policy.priority, view, due))
+        for name in list(self._views):
+            if name not in seen:
+                del self._views[name]
+        # Higher priority first, so a short worker pool heals the important models first.
+        for _, view, due in sorted(work, key=lambda w: -w[0]):
+            if due:
+                self._last_enforced[view.name] = trio.current_time()
+                await self._discover(view)
+            await self._probe_all(view)
+            await self._act(view, enforcing=due)
+
+    async def _discover(self, view: ModelView) -> None:
+        from node.daemon import model_key
+
+        found: set[str] = set()
+        with trio.move_on_after(self.config.health_check_timeout):
+            for info in await self.node.dht.find_providers(model_key(parse_model_name(view.name))):
+                found.add(info.peer_id)
+        for peer in found - set(view.holders):
+            view.holders[peer] = ReplicaState(peer)
+        view.discovered_at = trio.current_time()
+
+    async def _probe_all(self, view: ModelView) -> None:
+        me = self.node.peer_id
+        for (full, _), peers in self.node.gossip_holders().items():
+            if full == view.name:
+                for peer in peers - set(view.holders):
+                    view.holders[peer] = ReplicaState(peer)
+        for peer in view.pending:
+            view.holders.setdefault(peer, ReplicaState(peer))
+        row = await trio.to_thread.run_sync(self.node.store.db.get_model, view.name)
+        view.holders[me] = ReplicaState(
+            me, "healthy", row is None or row.pinned, 0.0, time.time(), None
+        )
+        chunks = await trio.to_thread.run_sync(self._sample_chunks, view.sample_blob)
+        async with trio.open_nursery() as nursery:
+            for peer in list(view.holders):
+                if peer != me:
+                    nursery.start_soon(self._probe, view, peer, chunks)
+
+    def _sample_chunks(self, blob: str | None) -> list[bytes]:
+        if blob is None:
+            return []
+        return [c.digest for c in self.node.store.db.blob_chunks(blob)]
+
+    async def _probe(self, view: ModelView, peer: str, chunks: list[bytes]) -> None:
+        state = view.holders[peer]
+        started = time.perf_counter()
+        reply: HaveReply | None = None
+        try:
+            with trio.fail_after(self.config.health_check_timeout):
+                async with open_replicate_client(
+                    self.node.host, peer, timeout=self.config.health_check_timeout
+                ) as client:
+                    await client.ping()
+                    state.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
+                    if chunks and view.sample_blob is not None:
+                        chunk = random.choice(chunks)
+                        reply = await client.have(view.name, view.sample_blob, chunk)
+        except PEER_ERRORS as exc:
+            if state.health != "unreachable":
+                log.info("model %s: holder %s unreachable (%s)", view.display, peer, exc)
+            state.health, state.error = "unreachable", str(exc)[:200] or type(exc).__name__
+            state.checked_at = time.time()
+            view.pending.pop(peer, None)  # a peer that is down is not fetching a copy
+            return
+        state.checked_at = time.time()
+        state.error = None
+        if reply is not None and not reply.model_held:
+            # Released, removed, or never held this tag: no longer a holder.
+            del view.holders[peer]
+            return
+        state.pinned = None if reply is None else reply.pinned
+        if reply is not None and not reply.chunk_held:
+            state.health, state.error = "degraded", "missing the sampled chunk"
+        else:
+            state.health = "healthy"
+        view.pending.pop(peer, None)
+
+    # --- acting -------------------------------------------------------------------------
+
+    async def _act(self, view: ModelView, *, enforcing: bool) -> None:
+        policy = view.policy
+        assert policy is not None
+        me = self.node.peer_id
+        now = trio.current_time()
+        view.pending = {p: d for p, d in view.pending.items() if d > now}
+        healthy = {p: h for p, h in view.holders.items() if h.health == "healthy"}
+        for peer in [p for p, h in view.holders.items() if h.health == "unreachable"]:
+            # Known dead holders stay listed (that is what `dmm replicas` should show),
+            # but one the DHT no longer names and that stays down is forgotten.
+            if now - view.discovered_at > 10 * self.config.policy_enforcement_interval:
+                view.holders.pop(peer, None)
+        count = len(set(healthy) | set(view.pending))
+        views = [
+            HolderView(p, bool(h.pinned), self.node.config.node.tags if p == me else None)
+            for p, h in healthy.items()
+        ]
+        if count > policy.max_replicas or me in releases(view.name, policy, views):
+            view.status = "over-replicated"
+            if me in releases(view.name, policy, views):
+                await self._release(view, len(healthy))
+            return
+        below = count < policy.min_replicas or (enforcing and count < policy.replication_factor)
+        if not below:
+            view.status = "healing" if view.pending else "ok"
+            return
+        view.status = "under-replicated"
+        if leader(healthy) != me:
+            return
+        needed = policy.replication_factor - count
+        await self._heal(view, policy, needed)
+
+    async def _heal(self, view: ModelView, policy: Policy, needed: int) -> None:
+        me = self.node.peer_id
+        exclude = set(view.holders) | set(view.pending) | {me}
+        peers = set(self.node.host.connected_peers()) | set(self.node.dht.routing_table_peers())
+        statuses: dict[str, Status] = {}
+
+        async def ask_status(peer: str) -> None:
+            try:
+                async with open_replicate_client(
+                    self.node.host, peer, timeout=self.config.health_check_timeout
+                ) as client:
+                    statuses[peer] = await client.status()
+            except PEER_ERRORS as exc:
+                log.info("model %s: candidate %s gave no status (%s)", view.display, peer, exc)
+
+        async with trio.open_nursery() as nursery:
+            for peer in sorted(peers - exclude):
+                nursery.start_soon(ask_status, peer)
+        candidates = [Candidate(p, s.tags, s.free, s.load) for p, s in statuses.items()]
+        ranked = placement(view.name, view.size, policy, candidates)
+        log.info(
+            "model %s: %d healthy copies, policy %r wants %d: asking %d candidate(s)",
+            view.display,
+            len([h for h in view.holders.values() if h.health == "healthy"]),
+            policy.glob,
+            policy.replication_factor,
+            len(ranked),
+        )
+        planned = [c.peer_id for c in ranked[:needed]]
+        for candidate in ranked:
+            if needed <= 0:
+                break
+            others = sorted({*view.holders, *view.pending, *planned} - {candidate.peer_id})
+            reply = await self._request(view, policy, candidate.peer_id, others)
+            if reply is not None and reply.accepted:
+                needed -= 1
+        if needed > 0:
+            log.warning(
+                "model %s: %d more copies wanted, no suitable peer accepted", view.display, needed
+            )
+
+    async def _request(
+        self, view: ModelView, policy: Policy, peer: str, others: list[str]
+    ) -> ReplicateReply | None:
+        request = ReplicateRequest(
+            view.name,
+            view.manifest_digest,
+            view.size,
+            spec_from_policy(policy),
+            tuple(others[:MAX_PEERS]),
+        )
+        try:
+            async with open_replicate_client(self.node.host, peer, timeout=10) as client:
+                self.requests_sent += 1
+                self.last_request_at = time.perf_counter()
+                reply = await client.replicate(request)
+        except PEER_ERRORS as exc:
+            log.info("model %s: replication request to %s failed (%s)", view.display, peer, exc)
+            return None
+        log.info(
+            "model %s: peer %s answered %s%s",
+            view.display,
+            peer,
+            reply.code,
+            f" ({reply.reason})" if reply.reason else "",
+        )
+        if reply.accepted:
+            wait = max(PENDING_MIN, 10 * self.config.health_check_interval)
+            view.pending[peer] = trio.current_time() + wait
+            view.holders.setdefault(peer, ReplicaState(peer))
+            await self._fire("requested", view.display, peer=peer, code=reply.code)
+        return reply
+
+    async def replicate_model(self, model: str, peer: str) -> dict[str, Any]:
+        """Ask ``peer`` to hold ``model`` (held here) under its policy, or the defaults."""
+        name = parse_model_name(model)
+        stored = await trio.to_thread.run_sync(self.node.store.layout.read, name)
+        if stored is None:
+            raise KeyError(f"{name.display} is not in this node's store")
+        policy = self.policy_for(name.full, name.display) or parse_policy(
+            {"glob": name.display}, self.defaults
+        )
+        view = self._views.get(name.full) or ModelView(
+            name.full, name.display, stored.digest, stored.manifest.total_size, policy
+        )
+        self._views.setdefault(name.full, view)
+        others = sorted(({*view.holders, *view.pending, self.node.peer_id}) - {peer})
+        reply = await self._request(view, policy, peer, others)
+        if reply is None:
+            raise ConnectionError(f"peer {peer} could not be asked")
+        return {"model": name.display, "peer": peer, "code": reply.code, "reason": reply.reason}
+
+    async def _release(self, view: ModelView, healthy: int) -> None:
+        freed = await trio.to_thread.run_sync(_release_blocking, self.node.store, view.name)
+        if freed is None:
+            return
+        self._adopted.pop(view.name, None)
+        await trio.to_thread.run_sync(self._save_settings)
+        self._views.pop(view.name, None)
+        await self.node.refresh()
+        log.info(
+            "model %s: replica-only copy released (%d healthy copies, max %d), %d bytes freed",
+            view.display,
+            healthy,
+            view.policy.max_replicas if view.policy else 0,
+            freed,
+        )
+        await self._fire("released", view.display, peer=self.node.peer_id, freed=freed)
+
+    async def _fire(self, action: str, model: str, **details: Any) -> None:
+        hooks = getattr(self.node, "hooks", None)
+        if hooks is None:
+            return
+        try:
+            result = hooks.fire("on-replica-change", model, action=action, **details)
+            if inspect.isawaitable(result):
+                await result
+        except Exception as exc:  # a broken hook must not stop replication
+            log.warning("model %s: on-replica-change hook failed: %r", model, exc)
+
+    # --- answering peers (ReplicaSource) ------------------------------------------------
+
+    async def answer_have(self, peer_id: str, request: Have) -> HaveReply:
+        return await trio.to_thread.run_sync(self._have_blocking, request)
+
+    def _have_blocking(self, request: Have) -> HaveReply:
+        store = self.node.store
+        stored = store.layout.read(parse_model_name(request.name))
+        if stored is None:
+            return HaveReply(False, False, False)
+        row = store.db.get_model(request.name)
+        pinned = row is None or row.pinned
+        chunk_held = store.cas.has(request.blob) and any(
+            loc.blob == request.blob for loc in store.db.find_chunk(request.chunk)
+        )
+        return HaveReply(True, chunk_held, pinned)
+
+    def _free_for_replicas(self) -> int:
+        store = self.node.store
+        free = shutil.disk_usage(store.layout.models_dir).free - DISK_RESERVE
+        if self.config.replica_capacity:
+            used = sum(r.size for r in store.db.all_models() if not r.pinned)
+            free = min(free, self.config.replica_capacity - used)
+        return max(free, 0)
+
+    async def answer_status(self, peer_id: str) -> Status:
+        free = await trio.to_thread.run_sync(self._free_for_replicas)
+        return Status(dict(self.node.config.node.tags), free, len(self._jobs))
+
+    async def answer_replicate(self, peer_id: str, request: ReplicateRequest) -> ReplicateReply:
+        reply = await self._decide(peer_id, request)
+        log.info(
+            "model %s: replication request from %s: %s%s",
+            request.name,
+            peer_id,
+            reply.code,
+            f" ({reply.reason})" if reply.reason else "",
+        )
+        return reply
+
+    async def _decide(self, peer_id: str, request: ReplicateRequest) -> ReplicateReply:
+        me = self.node.peer_id
+        name = parse_model_name(request.name)
+        try:
+            policy = policy_from_spec(request.policy)
+        except ValueError as exc:
+            return ReplicateReply("policy", f"unusable policy: {exc}")
+        if request.name in self._jobs:
+            return ReplicateReply("accepted", "already fetching it")
+        stored = await trio.to_thread.run_sync(self.node.store.layout.read, name)
+        if stored is not None and stored.digest == request.manifest_digest:
+            self._adopt(request.name, policy)
+            return ReplicateReply("holding", "")
+        tags = self.node.config.node.tags
+        own = select_policy(self._policies.values(), name.display)
+        for rules in (policy, own):
+            why = None if rules is None else rules.allows(me, tags)
+            if why is not None:
+                return ReplicateReply("policy", why)
+        free = await trio.to_thread.run_sync(self._free_for_replicas)
+        if request.size > free:
+            return ReplicateReply(
+                "capacity", f"needs {request.size} bytes, {free} free for replicas here"
+            )
+        if request.name in self._jobs:
+            return ReplicateReply("accepted", "already fetching it")
+        if len(self._jobs) >= self.config.worker_count:
+            return ReplicateReply("busy", f"{len(self._jobs)} replication jobs running")
+        if self._nursery is None:
+            return ReplicateReply("busy", "the node is starting")
+        self._jobs[request.name] = peer_id
+        self._adopt(request.name, policy)
+        deadline = trio.current_time() + max(PENDING_MIN, 10 * self.config.health_check_interval)
+        self._hints[request.name] = {
+            p: deadline for p in (*request.peers, peer_id) if p != self.node.peer_id
+        }
+        self._nursery.start_soon(self._fetch, request.name, peer_id)
+        return ReplicateReply("accepted", "")
+
+    def _adopt(self, name: str, policy: Policy) -> None:
+        self._adopted[name] = policy
+        if self._nursery is not None:
+            self._nursery.start_soon(trio.to_thread.run_sync, self._save_settings)
+
+    async def _fetch(self, name: str, requester: str) -> None:
+        from node.pull import PullError, pull_model
+
+        async def quiet(event: dict[str, Any]) -> None:
+            pass
+
+        try:
+            result = await pull_model(self.node, name, quiet, pinned=False, peers=[requester])
+        except (PullError, *PEER_ERRORS, InvalidName) as exc:
+            log.warning("model %s: replica for %s not fetched: %s", name, requester, exc)
+            return
+        finally:
+            self._jobs.pop(name, None)
+        log.info(
+            "model %s: replica-only copy fetched for %s (%d bytes)",
+            name,
+            requester,
+            result.get("bytes_fetched", 0),
+        )
+        await self._fire("added", name, peer=self.node.peer_id, requester=requester)
+        self._wake.set()
+
+
+def _release_blocking(store: Any, name: str) -> int | None:
+    """Remove a replica-only model and the blobs only it used; ``None`` if it is pinned
+    (a user's copy) or gone."""
+    row = store.db.get_model(name)
+    if row is None or row.pinned:
+        return None
+    stored = store.remove(name)
+    freed = 0
+    with store.cas.gc_lock():
+        referenced = set(store.references())
+        for digest in stored.manifest.blob_digests():
+            if digest not in referenced and store.cas.has(digest):
+                freed += store.cas.size(digest) or 0
+                store.cas.delete(digest)
+                store.db.delete_blob(digest)
+    return freed
