@@ -109,11 +109,13 @@ async def pull_model(
     """Bring ``name_text`` into the local store; returns a summary of what moved.
 
     ``pinned=False`` marks a replica-only copy (replication may release it later); a copy
-    that was pinned stays pinned. ``peers`` are asked along with the holders found.
+    that was pinned stays pinned. ``peers``, when given, are the holders to fetch from
+    (no DHT lookups).
     """
     name = parse_model_name(name_text)
     await emit({"status": "pulling manifest"})
-    holders = list(dict.fromkeys([*peers, *await _holders(node, name)]))
+    # Named peers (a replication request's sender) hold the model: no DHT lookup needed.
+    holders = list(peers) if peers else await _holders(node, name)
     local = await trio.to_thread.run_sync(node.store.layout.read, name)
     complete = local is not None and all(
         node.store.cas.location(d) == "file" for d in local.manifest.blob_digests()
@@ -142,7 +144,7 @@ async def pull_model(
         if node.store.cas.location(layer.digest) == "file":
             await emit(_layer_event(layer.digest, layer.size, layer.size, 0))
             continue
-        result = await _fetch_layer(node, name, layer, serving, emit)
+        result = await _fetch_layer(node, name, layer, serving, emit, discover=not peers)
         fetched += result.bytes_fetched
         local_bytes += result.bytes_local
         peers_used.update(result.peers_used)
@@ -176,10 +178,10 @@ async def pull_model(
 
 
 async def _fetch_layer(
-    node: Node, name: ModelName, layer: Layer, serving: list[str], emit: Emit
+    node: Node, name: ModelName, layer: Layer, serving: list[str], emit: Emit, *, discover: bool
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
-    sources = await _blob_sources(node, layer.digest, serving)
+    sources = await _blob_sources(node, layer.digest, serving) if discover else serving
     size, chunks = await _chunk_list(node, layer.digest, sources)
     if size != layer.size:
         raise PullError(

@@ -75,6 +75,9 @@ ADOPTED_SETTING = "replication.adopted"
 PEER_ERRORS = (P2PError, ReplicateError, trio.BrokenResourceError, trio.TooSlowError, OSError)
 # Free disk a node keeps for itself when it takes replicas.
 DISK_RESERVE = 256 * 1024 * 1024
+# Probes in a row without an answer before a holder that still accepts connections is
+# called unreachable. A dead process refuses the dial and is unreachable at once.
+SILENT_PROBES = 3
 # An accepted request counts as a copy for this long while the target fetches it.
 PENDING_MIN = 60.0
 
@@ -89,6 +92,14 @@ class ReplicaState:
     rtt_ms: float | None = None
     checked_at: float | None = None
     error: str | None = None
+    timeouts: int = 0  # probes in a row that got no answer in time
+
+    @property
+    def counts(self) -> bool:
+        """Whether this copy counts toward the policy: healthy, or merely slow (a loaded
+        machine is not a lost copy; ``SILENT_PROBES`` silent probes in a row, or a refused
+        dial, are)."""
+        return self.health == "healthy" or (self.health == "degraded" and self.timeouts > 0)
 
     def to_json(self, local: bool) -> dict[str, Any]:
         return {
@@ -245,7 +256,7 @@ class ReplicationManager:
 
     def _view_json(self, view: ModelView) -> dict[str, Any]:
         me = self.node.peer_id
-        healthy = sum(1 for h in view.holders.values() if h.health == "healthy")
+        healthy = sum(1 for h in view.holders.values() if h.counts)
         return {
             "model": view.display,
             "name": view.name,
@@ -351,15 +362,26 @@ class ReplicationManager:
                     if chunks and view.sample_blob is not None:
                         chunk = random.choice(chunks)
                         reply = await client.have(view.name, view.sample_blob, chunk)
+        except trio.TooSlowError:
+            state.timeouts += 1
+            state.checked_at = time.time()
+            state.error = f"no answer within {self.config.health_check_timeout:g}s"
+            if state.timeouts < SILENT_PROBES:
+                state.health = "degraded"
+                return
+            if state.health != "unreachable":
+                log.info("model %s: holder %s unreachable (%s)", view.display, peer, state.error)
+            state.health = "unreachable"
+            return
         except PEER_ERRORS as exc:
             if state.health != "unreachable":
-                log.info("model %s: holder %s unreachable (%s)", view.display, peer, exc)
-            state.health, state.error = "unreachable", str(exc)[:200] or type(exc).__name__
+                log.info("model %s: holder %s unreachable (%r)", view.display, peer, exc)
+            state.health, state.error = "unreachable", str(exc)[:200] or repr(exc)
             state.checked_at = time.time()
-            view.pending.pop(peer, None)  # a peer that is down is not fetching a copy
             return
         state.checked_at = time.time()
         state.error = None
+        state.timeouts = 0
         if reply is not None and not reply.model_held:
             # Released, removed, or never held this tag: no longer a holder.
             del view.holders[peer]
@@ -379,7 +401,7 @@ class ReplicationManager:
         me = self.node.peer_id
         now = trio.current_time()
         view.pending = {p: d for p, d in view.pending.items() if d > now}
-        healthy = {p: h for p, h in view.holders.items() if h.health == "healthy"}
+        healthy = {p: h for p, h in view.holders.items() if h.counts}
         for peer in [p for p, h in view.holders.items() if h.health == "unreachable"]:
             # Known dead holders stay listed (that is what `dmm replicas` should show),
             # but one the DHT no longer names and that stays down is forgotten.
@@ -399,9 +421,11 @@ class ReplicationManager:
         if not below:
             view.status = "healing" if view.pending else "ok"
             return
-        view.status = "under-replicated"
         if leader(healthy) != me:
+            view.status = "under-replicated"
             return
+        if view.status != "stuck":
+            view.status = "under-replicated"
         needed = policy.replication_factor - count
         await self._heal(view, policy, needed)
 
@@ -425,10 +449,20 @@ class ReplicationManager:
                 nursery.start_soon(ask_status, peer)
         candidates = [Candidate(p, s.tags, s.free, s.load) for p, s in statuses.items()]
         ranked = placement(view.name, view.size, policy, candidates)
+        if not ranked:
+            if view.status != "stuck":
+                log.warning(
+                    "model %s: %d more copies wanted, no suitable peer among %d candidate(s)",
+                    view.display,
+                    needed,
+                    len(candidates),
+                )
+            view.status = "stuck"
+            return
         log.info(
             "model %s: %d healthy copies, policy %r wants %d: asking %d candidate(s)",
             view.display,
-            len([h for h in view.holders.values() if h.health == "healthy"]),
+            len([h for h in view.holders.values() if h.counts]),
             policy.glob,
             policy.replication_factor,
             len(ranked),
@@ -442,6 +476,7 @@ class ReplicationManager:
             if reply is not None and reply.accepted:
                 needed -= 1
         if needed > 0:
+            view.status = "stuck"
             log.warning(
                 "model %s: %d more copies wanted, no suitable peer accepted", view.display, needed
             )

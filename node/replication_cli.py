@@ -19,7 +19,10 @@ def _api(config: Config, method: str, path: str, body: dict[str, Any] | None = N
     import urllib.error
     import urllib.request
 
-    from node.cli import CommandError, NodeUnreachable
+    # fail() exits 1 with "dmm: ..." on stderr. Raising node.cli's exceptions would not do:
+    # under `python -m node.cli` that module is __main__, whose except clauses would not
+    # match the classes of an imported node.cli.
+    from node.cli import fail
 
     url = f"http://{config.api.listen}{path}"
     data = None if body is None else json.dumps(body).encode()
@@ -34,12 +37,12 @@ def _api(config: Config, method: str, path: str, body: dict[str, Any] | None = N
             message = json.loads(exc.read()).get("error", exc.reason)
         except ValueError:
             message = exc.reason
-        raise CommandError(f"the node answered {exc.code}: {message}") from None
+        fail(f"the node answered {exc.code}: {message}")
     except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-        raise NodeUnreachable(
+        fail(
             f"no node answers at http://{config.api.listen} ({getattr(exc, 'reason', exc)}); "
             "start one with `dmm node start`"
-        ) from None
+        )
 
 
 def cmd_replicas(args: argparse.Namespace, config: Config) -> int:
@@ -71,16 +74,11 @@ def cmd_replicas(args: argparse.Namespace, config: Config) -> int:
     return 0
 
 
-def _tags(items: list[str]) -> dict[str, str]:
-    from node.cli import UsageError
-
-    tags: dict[str, str] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UsageError(f"--require {item!r}: expected key=value, e.g. region=eu")
-        tags[key] = value
-    return tags
+def _requirement(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected key=value, e.g. region=eu")
+    return key, value
 
 
 def _peer(text: str) -> str:
@@ -93,7 +91,7 @@ def _peer(text: str) -> str:
 def cmd_policy_set(args: argparse.Namespace, config: Config) -> int:
     from node.cli import emit_json
 
-    body: dict[str, Any] = {"glob": args.glob, "constraints": _tags(args.require)}
+    body: dict[str, Any] = {"glob": args.glob, "constraints": dict(args.require)}
     for key, value in (
         ("min_replicas", args.min),
         ("max_replicas", args.max),
@@ -197,6 +195,7 @@ def add_replication_commands(
         "--require",
         action="append",
         default=[],
+        type=_requirement,
         metavar="KEY=VALUE",
         help="tag a holder must carry in its [node.tags], e.g. region=eu (repeatable)",
     )
