@@ -45,7 +45,7 @@ BENCH = "replication"
 MiB = 1024 * 1024
 FULL_PEERS, QUICK_PEERS = 20, 5
 FULL_WINDOW, QUICK_WINDOW = 15.0, 4.0
-LATENCY_SAMPLES = 3
+FULL_SAMPLES, QUICK_SAMPLES = 3, 1
 FAST = (
     '[replication]\nhealth_check_interval = "1s"\nhealth_check_timeout = "1s"\n'
     'policy_enforcement_interval = "30s"\n'
@@ -173,7 +173,7 @@ async def _run(root: Path, quick: bool) -> list[Figure]:
     shared = gguf / "shared.gguf"
     generate_model(shared, 1 * MiB)
     lat = {}
-    for i in range(LATENCY_SAMPLES):
+    for i in range(QUICK_SAMPLES if quick else FULL_SAMPLES):
         lat[f"lat{i}:v1"] = gguf / f"lat{i}.gguf"
         generate_model(lat[f"lat{i}:v1"], 1 * MiB)
     measured = await trio.to_thread.run_sync(_Measured, root, {"shared:v1": shared, **lat})

@@ -136,3 +136,23 @@ def test_quick_discovery_run_reports_find_and_propagation_figures(tmp_path: Path
         assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
     # The absolute goals are printed under the table by the runner.
     assert "goal discovery/find p95 (goal <= 1 s)" in done.stdout
+
+
+@pytest.mark.slow
+def test_quick_replication_run_reports_latency_cpu_share_and_heal_time(tmp_path: Path) -> None:
+    """A measured `dmm node start` process and five in-process peers: every figure is
+    there, positive, with its baseline; no timing is asserted (a shared machine)."""
+    out = tmp_path / "figures.json"
+    done = _bench("replication", "--quick", "--json", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
+    assert len(figures) == 5, sorted(figures)
+    for fig in figures.values():
+        assert set(fig) == FIGURE_KEYS and fig["bench"] == "replication", fig
+        assert fig["value"] >= 0 and fig["better"] == "lower", fig
+    with_baseline = [f for f in figures.values() if f["baseline"]]
+    assert len(with_baseline) == 3
+    for fig in with_baseline:
+        assert fig["baseline_value"] > 0
+        assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    assert "enforcement latency" in done.stdout  # the table, on stdout

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import httpx
+import pytest
 import trio
 
 from node.daemon import Node, open_node
@@ -83,6 +84,7 @@ async def _settles(nodes: Sequence[Node], count: int, name: str = MODEL) -> set[
             return now
 
 
+@pytest.mark.slow
 async def test_policy_min_3_reaches_exactly_3_holders_and_api_reports_them(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -119,6 +121,7 @@ async def test_policy_min_3_reaches_exactly_3_holders_and_api_reports_them(
         assert [p.glob for p in again.replication.policies()] == ["replicated*"]
 
 
+@pytest.mark.slow
 async def test_constraints_and_exclusions_decide_where_copies_go(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -175,6 +178,7 @@ async def test_refusals_give_their_reason(tmp_path: Path, make_model: MakeModel)
             assert (await api.get("/api/health")).status_code == 200
 
 
+@pytest.mark.slow
 async def test_above_max_a_replica_only_copy_is_released_never_a_pinned_one(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
@@ -247,6 +251,7 @@ def _start_process(config: Path) -> tuple[subprocess.Popen[str], str, str]:
     return proc, first.split()[2], p2p
 
 
+@pytest.mark.slow
 async def test_killed_holder_process_is_replaced_within_a_health_interval_plus_transfer(
     tmp_path: Path, make_model: MakeModel
 ) -> None:
