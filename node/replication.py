@@ -27,7 +27,6 @@ import inspect
 import json
 import logging
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -45,6 +44,7 @@ from node.replication_policy import (
     placement,
     releases,
     select_policy,
+    spec_from_policy,
 )
 from node.replication_service import (
     PROTOCOL_ID,
@@ -52,29 +52,26 @@ from node.replication_service import (
     ReplicateServer,
     open_replicate_client,
 )
+from node.replication_target import ReplicaTarget
 from protocols.replicate import (
     MAX_PEERS,
-    Have,
     HaveReply,
-    PolicySpec,
     ReplicateReply,
     ReplicateRequest,
     Status,
 )
-from storage.names import InvalidName, parse_model_name
+from storage.names import parse_model_name
 
 if TYPE_CHECKING:
     from node.daemon import Node
 
-__all__ = ["ReplicaState", "ReplicationManager", "policy_from_spec", "spec_from_policy"]
+__all__ = ["ModelView", "ReplicaState", "ReplicationManager"]
 
 log = logging.getLogger("dmm.replication")
 
 POLICIES_SETTING = "replication.policies"
 ADOPTED_SETTING = "replication.adopted"
 PEER_ERRORS = (P2PError, ReplicateError, trio.BrokenResourceError, trio.TooSlowError, OSError)
-# Free disk a node keeps for itself when it takes replicas.
-DISK_RESERVE = 256 * 1024 * 1024
 # Probes in a row without an answer before a holder that still accepts connections is
 # called unreachable. A dead process refuses the dial and is unreachable at once.
 SILENT_PROBES = 3
@@ -127,35 +124,6 @@ class ModelView:
     discovered_at: float = 0.0
 
 
-def spec_from_policy(policy: Policy) -> PolicySpec:
-    return PolicySpec(
-        glob=policy.glob,
-        min_replicas=policy.min_replicas,
-        max_replicas=policy.max_replicas,
-        replication_factor=policy.replication_factor,
-        priority=policy.priority,
-        constraints=dict(policy.constraints),
-        preferred_peers=policy.preferred_peers,
-        excluded_peers=policy.excluded_peers,
-    )
-
-
-def policy_from_spec(spec: PolicySpec) -> Policy:
-    return parse_policy(
-        {
-            "glob": spec.glob,
-            "min_replicas": spec.min_replicas,
-            "max_replicas": spec.max_replicas,
-            "replication_factor": spec.replication_factor,
-            "priority": spec.priority,
-            "constraints": dict(spec.constraints),
-            "preferred_peers": list(spec.preferred_peers),
-            "excluded_peers": list(spec.excluded_peers),
-        },
-        PolicyDefaults(),
-    )
-
-
 class ReplicationManager:
     """Owned by ``Node``; ``run`` serves ``/dmm/replicate/1`` and runs the checks."""
 
@@ -167,11 +135,11 @@ class ReplicationManager:
             self.config.default_max_replicas,
             self.config.default_replication_factor,
         )
-        self.server = ReplicateServer(self)
         self._policies: dict[str, Policy] = {p.glob: p for p in self.config.policies}
         self._adopted: dict[str, Policy] = {}
         self._views: dict[str, ModelView] = {}
-        self._jobs: dict[str, str] = {}  # model being fetched for a peer -> that peer
+        self.target = ReplicaTarget(self)
+        self.server = ReplicateServer(self.target)
         # Peers a requester named as holding or asked (model -> peer -> deadline): they
         # count as copies in this node's first rounds, before it can see them itself.
         self._hints: dict[str, dict[str, float]] = {}
@@ -237,6 +205,15 @@ class ReplicationManager:
         )
         self._last_enforced.clear()
         self._wake.set()
+
+    def wake(self) -> None:
+        """Run a round now (a policy changed, or a replica arrived)."""
+        self._wake.set()
+
+    @property
+    def pending_for(self) -> float:
+        """How long an accepted request counts as a copy while the target fetches it."""
+        return max(PENDING_MIN, 10 * self.config.health_check_interval)
 
     def policy_for(self, name_full: str, display: str) -> Policy | None:
         own = select_policy(self._policies.values(), display)
@@ -507,8 +484,7 @@ class ReplicationManager:
             f" ({reply.reason})" if reply.reason else "",
         )
         if reply.accepted:
-            wait = max(PENDING_MIN, 10 * self.config.health_check_interval)
-            view.pending[peer] = trio.current_time() + wait
+            view.pending[peer] = trio.current_time() + self.pending_for
             view.holders.setdefault(peer, ReplicaState(peer))
             await self._fire("requested", view.display, peer=peer, code=reply.code)
         return reply
@@ -559,112 +535,6 @@ class ReplicationManager:
                 await result
         except Exception as exc:  # a broken hook must not stop replication
             log.warning("model %s: on-replica-change hook failed: %r", model, exc)
-
-    # --- answering peers (ReplicaSource) ------------------------------------------------
-
-    async def answer_have(self, peer_id: str, request: Have) -> HaveReply:
-        return await trio.to_thread.run_sync(self._have_blocking, request)
-
-    def _have_blocking(self, request: Have) -> HaveReply:
-        store = self.node.store
-        stored = store.layout.read(parse_model_name(request.name))
-        if stored is None:
-            return HaveReply(False, False, False)
-        row = store.db.get_model(request.name)
-        pinned = row is None or row.pinned
-        chunk_held = store.cas.has(request.blob) and any(
-            loc.blob == request.blob for loc in store.db.find_chunk(request.chunk)
-        )
-        return HaveReply(True, chunk_held, pinned)
-
-    def _free_for_replicas(self) -> int:
-        store = self.node.store
-        free = shutil.disk_usage(store.layout.models_dir).free - DISK_RESERVE
-        if self.config.replica_capacity:
-            used = sum(r.size for r in store.db.all_models() if not r.pinned)
-            free = min(free, self.config.replica_capacity - used)
-        return max(free, 0)
-
-    async def answer_status(self, peer_id: str) -> Status:
-        free = await trio.to_thread.run_sync(self._free_for_replicas)
-        return Status(dict(self.node.config.node.tags), free, len(self._jobs))
-
-    async def answer_replicate(self, peer_id: str, request: ReplicateRequest) -> ReplicateReply:
-        reply = await self._decide(peer_id, request)
-        log.info(
-            "model %s: replication request from %s: %s%s",
-            request.name,
-            peer_id,
-            reply.code,
-            f" ({reply.reason})" if reply.reason else "",
-        )
-        return reply
-
-    async def _decide(self, peer_id: str, request: ReplicateRequest) -> ReplicateReply:
-        me = self.node.peer_id
-        name = parse_model_name(request.name)
-        try:
-            policy = policy_from_spec(request.policy)
-        except ValueError as exc:
-            return ReplicateReply("policy", f"unusable policy: {exc}")
-        if request.name in self._jobs:
-            return ReplicateReply("accepted", "already fetching it")
-        stored = await trio.to_thread.run_sync(self.node.store.layout.read, name)
-        if stored is not None and stored.digest == request.manifest_digest:
-            self._adopt(request.name, policy)
-            return ReplicateReply("holding", "")
-        tags = self.node.config.node.tags
-        own = select_policy(self._policies.values(), name.display)
-        for rules in (policy, own):
-            why = None if rules is None else rules.allows(me, tags)
-            if why is not None:
-                return ReplicateReply("policy", why)
-        free = await trio.to_thread.run_sync(self._free_for_replicas)
-        if request.size > free:
-            return ReplicateReply(
-                "capacity", f"needs {request.size} bytes, {free} free for replicas here"
-            )
-        if request.name in self._jobs:
-            return ReplicateReply("accepted", "already fetching it")
-        if len(self._jobs) >= self.config.worker_count:
-            return ReplicateReply("busy", f"{len(self._jobs)} replication jobs running")
-        if self._nursery is None:
-            return ReplicateReply("busy", "the node is starting")
-        self._jobs[request.name] = peer_id
-        self._adopt(request.name, policy)
-        deadline = trio.current_time() + max(PENDING_MIN, 10 * self.config.health_check_interval)
-        self._hints[request.name] = {
-            p: deadline for p in (*request.peers, peer_id) if p != self.node.peer_id
-        }
-        self._nursery.start_soon(self._fetch, request.name, peer_id)
-        return ReplicateReply("accepted", "")
-
-    def _adopt(self, name: str, policy: Policy) -> None:
-        self._adopted[name] = policy
-        if self._nursery is not None:
-            self._nursery.start_soon(trio.to_thread.run_sync, self._save_settings)
-
-    async def _fetch(self, name: str, requester: str) -> None:
-        from node.pull import PullError, pull_model
-
-        async def quiet(event: dict[str, Any]) -> None:
-            pass
-
-        try:
-            result = await pull_model(self.node, name, quiet, pinned=False, peers=[requester])
-        except (PullError, *PEER_ERRORS, InvalidName) as exc:
-            log.warning("model %s: replica for %s not fetched: %s", name, requester, exc)
-            return
-        finally:
-            self._jobs.pop(name, None)
-        log.info(
-            "model %s: replica-only copy fetched for %s (%d bytes)",
-            name,
-            requester,
-            result.get("bytes_fetched", 0),
-        )
-        await self._fire("added", name, peer=self.node.peer_id, requester=requester)
-        self._wake.set()
 
 
 def _release_blocking(store: Any, name: str) -> int | None:

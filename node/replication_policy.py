@@ -20,6 +20,7 @@ from types import MappingProxyType
 from typing import Any
 
 from protocols.catalog import glob_matches, literal_prefix
+from protocols.replicate import PolicySpec
 
 __all__ = [
     "Candidate",
@@ -30,8 +31,10 @@ __all__ = [
     "leader",
     "parse_policy",
     "placement",
+    "policy_from_spec",
     "releases",
     "select_policy",
+    "spec_from_policy",
 ]
 
 MAX_REPLICAS = 1000
@@ -205,6 +208,35 @@ def parse_policy(raw: Mapping[str, Any], defaults: PolicyDefaults) -> Policy:
         sync_interval=interval,
         priority=priority,
         constraints=MappingProxyType(constraints),
+    )
+
+
+def spec_from_policy(policy: Policy) -> PolicySpec:
+    return PolicySpec(
+        glob=policy.glob,
+        min_replicas=policy.min_replicas,
+        max_replicas=policy.max_replicas,
+        replication_factor=policy.replication_factor,
+        priority=policy.priority,
+        constraints=dict(policy.constraints),
+        preferred_peers=policy.preferred_peers,
+        excluded_peers=policy.excluded_peers,
+    )
+
+
+def policy_from_spec(spec: PolicySpec) -> Policy:
+    return parse_policy(
+        {
+            "glob": spec.glob,
+            "min_replicas": spec.min_replicas,
+            "max_replicas": spec.max_replicas,
+            "replication_factor": spec.replication_factor,
+            "priority": spec.priority,
+            "constraints": dict(spec.constraints),
+            "preferred_peers": list(spec.preferred_peers),
+            "excluded_peers": list(spec.excluded_peers),
+        },
+        PolicyDefaults(),
     )
 
 
