@@ -48,6 +48,7 @@ from node.replication_policy import (
 )
 from node.replication_service import (
     PROTOCOL_ID,
+    ReplicateClient,
     ReplicateError,
     ReplicateServer,
     open_replicate_client,
@@ -146,6 +147,7 @@ class ReplicationManager:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._last_enforced: dict[str, float] = {}
+        self._probe_streams: dict[str, ReplicateClient] = {}
         # For the benchmark and tests: when the last replication request was sent.
         self.requests_sent = 0
         self.last_request_at: float | None = None
@@ -331,14 +333,24 @@ class ReplicationManager:
         reply: HaveReply | None = None
         try:
             with trio.fail_after(self.config.health_check_timeout):
-                async with open_replicate_client(
-                    self.node.host, peer, timeout=self.config.health_check_timeout
-                ) as client:
-                    await client.ping()
-                    state.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
-                    if chunks and view.sample_blob is not None:
-                        chunk = random.choice(chunks)
-                        reply = await client.have(view.name, view.sample_blob, chunk)
+                for attempt in (1, 2):
+                    reused = peer in self._probe_streams
+                    client = await self._probe_client(peer)
+                    try:
+                        await client.ping()
+                        state.rtt_ms = round((time.perf_counter() - started) * 1000, 2)
+                        if chunks and view.sample_blob is not None:
+                            chunk = random.choice(chunks)
+                            reply = await client.have(view.name, view.sample_blob, chunk)
+                        break
+                    except BaseException as exc:
+                        await self._drop_probe_client(peer)
+                        # A kept stream the server has since closed: one fresh try.
+                        broken = isinstance(
+                            exc, trio.BrokenResourceError | trio.ClosedResourceError
+                        )
+                        if not (reused and broken and attempt == 1):
+                            raise
         except trio.TooSlowError:
             state.timeouts += 1
             state.checked_at = time.time()
@@ -369,6 +381,21 @@ class ReplicationManager:
         else:
             state.health = "healthy"
         view.pending.pop(peer, None)
+
+    async def _probe_client(self, peer: str) -> ReplicateClient:
+        """The kept probe stream to ``peer``, opened on first use. One stream per holder
+        for the node's life (or until it breaks) spares each probe the stream set-up."""
+        client = self._probe_streams.get(peer)
+        if client is None:
+            stream = await self.node.host.open_stream(peer, PROTOCOL_ID)
+            client = ReplicateClient(stream, self.config.health_check_timeout)
+            self._probe_streams[peer] = client
+        return client
+
+    async def _drop_probe_client(self, peer: str) -> None:
+        client = self._probe_streams.pop(peer, None)
+        if client is not None:
+            await client.stream.reset()
 
     # --- acting -------------------------------------------------------------------------
 

@@ -64,8 +64,10 @@ __all__ = [
 
 log = logging.getLogger("dmm.replicate")
 
-# A server stream with no request for this long is ended: health checks open one per probe.
-IDLE_TIMEOUT = 30.0
+# A server stream with no request for this long is ended. Health checks keep one stream
+# per holder between rounds, so this is well above the default 30 s check interval; a
+# prober whose stream was closed opens a new one.
+IDLE_TIMEOUT = 300.0
 # One answer may take this long (Replicate checks disk space; the pull runs afterwards).
 ANSWER_TIMEOUT = 10.0
 
@@ -93,12 +95,28 @@ class ReplicateServer:
     ``Exception``: a peer that breaks the protocol has its stream reset, logged in one line,
     and counted in ``misbehaviour``."""
 
-    def __init__(self, source: ReplicaSource) -> None:
+    def __init__(self, source: ReplicaSource, *, max_streams_per_peer: int = 8) -> None:
         self.source = source
+        self.max_streams_per_peer = max_streams_per_peer
         self.misbehaviour: dict[str, int] = {}
+        self._open: dict[str, int] = {}
 
     async def handle(self, stream: Stream) -> None:
         peer = stream.peer_id
+        if self._open.get(peer, 0) >= self.max_streams_per_peer:
+            # Streams may idle for minutes; a peer cannot hold more than a few of them.
+            log.info("replicate: refused a stream from %s (%d open)", peer, self._open[peer])
+            await stream.reset()
+            return
+        self._open[peer] = self._open.get(peer, 0) + 1
+        try:
+            await self._serve(stream, peer)
+        finally:
+            self._open[peer] -= 1
+            if not self._open[peer]:
+                del self._open[peer]
+
+    async def _serve(self, stream: Stream, peer: str) -> None:
         conn = ReplicateConnection(Role.SERVER)
         try:
             while True:
