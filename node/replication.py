@@ -2,9 +2,10 @@
 
 For every model in the store that a policy covers, the manager keeps a view of its
 holders. Every ``health_check_interval`` it probes each known holder over
-``/dmm/replicate/1`` — a ``Ping`` and a ``Have`` for one randomly sampled chunk, on one
-stream, under ``health_check_timeout`` — and marks it ``healthy``, ``degraded`` (answers,
-but lacks the chunk) or ``unreachable``. Every ``policy_enforcement_interval`` (or a
+``/dmm/replicate/1`` — a ``Ping`` and a ``Have`` for one randomly sampled chunk, on a
+stream kept per holder, under ``health_check_timeout`` — and marks it ``healthy``,
+``degraded`` (late, or lacking the chunk) or ``unreachable`` (dial refused, or
+``SILENT_PROBES`` probes in a row unanswered). Every ``policy_enforcement_interval`` (or a
 policy's own ``sync_interval``, or at once after a policy change) it also rediscovers the
 holders (DHT providers and gossip). After each round it acts, with no coordinator:
 
@@ -15,10 +16,11 @@ holders (DHT providers and gossip). After each round it acts, with no coordinato
   ``replication_policy.releases`` names releases its own. A pinned copy (a user added,
   pulled or imported it here) is never released.
 
-A target decides a request by its own rules (``answer_replicate``): its capacity, its
-tags against the policy's constraints, its own policies' exclusions, and its free worker
-slots. An accepted model is pulled with ``pinned=False`` and the requester's policy is
-kept with it, so the copy can heal the model after the requester is gone.
+The target side (``node/replication_target.py``) decides a request by its own rules:
+its capacity, its tags against the policy's constraints, its own policies' exclusions,
+and its free worker slots. An accepted model is pulled with ``pinned=False`` and the
+requester's policy is kept with it, so the copy can heal the model after the requester
+is gone.
 """
 
 from __future__ import annotations
