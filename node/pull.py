@@ -200,6 +200,7 @@ async def _fetch_layer(
             with trio.move_on_after(0.25):
                 await finished.wait()
 
+    failure: TransferError | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(report)
         try:
@@ -215,9 +216,13 @@ async def _fetch_layer(
                 on_progress=on_progress,
             )
         except TransferError as exc:
-            raise PullError(str(exc)) from None
+            # Raised after the nursery: from inside it, trio would wrap the PullError in an
+            # ExceptionGroup that no caller's `except PullError` catches.
+            failure = exc
         finally:
             finished.set()
+    if failure is not None:
+        raise PullError(str(failure)) from None
     await emit(_layer_event(layer.digest, size, size, len(sources)))
     return result
 

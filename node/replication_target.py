@@ -124,15 +124,30 @@ class ReplicaTarget:
         async def quiet(event: dict[str, Any]) -> None:
             pass
 
+        node = self.manager.node
+        errors = (PullError, *PULL_PEER_ERRORS, InvalidName)
+        result: dict[str, Any] | None = None
         try:
-            result = await pull_model(
-                self.manager.node, name, quiet, pinned=False, peers=[requester]
-            )
-        except (PullError, *PULL_PEER_ERRORS, InvalidName) as exc:
-            log.warning("model %s: replica for %s not fetched: %s", name, requester, exc)
-            return
+            # From the requester first (no lookups); if that fails, from any holder found.
+            for peers in ([requester], []):
+                try:
+                    result = await pull_model(node, name, quiet, pinned=False, peers=peers)
+                    break
+                except errors as exc:
+                    log.warning(
+                        "model %s: replica for %s not fetched%s: %s",
+                        name,
+                        requester,
+                        " from it" if peers else "",
+                        exc,
+                    )
+        except Exception as exc:  # e.g. a transfer error wrapped in an ExceptionGroup:
+            # a replica this node offered to keep must never take the node down.
+            log.error("model %s: replica for %s failed: %r", name, requester, exc)
         finally:
             self.jobs.pop(name, None)
+        if result is None:
+            return
         log.info(
             "model %s: replica-only copy fetched for %s (%d bytes)",
             name,
