@@ -36,6 +36,7 @@ import trio
 from bench import Figure, progress, register
 from node.config import Config
 from node.daemon import Node, open_node
+from node.local import open_store
 from node.replication_service import open_replicate_client
 from node.testing import node_config
 from protocols.replicate import ReplicateReply, ReplicateRequest
@@ -140,13 +141,17 @@ class _Measured:
 
 
 @asynccontextmanager
-async def _peers(root: Path, count: int, boot: str) -> AsyncIterator[list[tuple[Node, trio.Event]]]:
-    """``count`` in-process nodes, each stoppable on its own (its event)."""
+async def _peers(
+    root: Path, count: int, boot: str, model: Path
+) -> AsyncIterator[list[tuple[Node, trio.Event]]]:
+    """``count`` in-process nodes holding ``model`` as ``shared:v1`` (added before they
+    start, so each provides it as it comes up), each stoppable on its own (its event)."""
     async with trio.open_nursery() as nursery:
         held: list[tuple[Node, trio.Event]] = []
         for i in range(count):
             stop = trio.Event()
             config = node_config(root, f"p{i}", [boot], FAST)
+            await trio.to_thread.run_sync(_add_before_start, config, model)
             node = await nursery.start(_hold, config, stop)
             held.append((node, stop))
         try:
@@ -154,6 +159,11 @@ async def _peers(root: Path, count: int, boot: str) -> AsyncIterator[list[tuple[
         finally:
             for _, stop in held:
                 stop.set()
+
+
+def _add_before_start(config: Config, model: Path) -> None:
+    with open_store(config) as store:
+        store.add_model("shared:v1", model)
 
 
 async def _hold(config: Config, stop: trio.Event, *, task_status: trio.TaskStatus[Node]) -> None:
@@ -182,12 +192,9 @@ async def _run(root: Path, quick: bool) -> list[Figure]:
     models = {"shared:v1": shared, "heal:v1": heal_model, **lat}
     measured = await trio.to_thread.run_sync(_Measured, root, models)
     try:
-        async with _peers(root, count, measured.p2p) as peers:
+        async with _peers(root, count, measured.p2p, shared) as peers:
             nodes = [n for n, _ in peers]
-            progress(f"replication: {count} peers up; adding the shared model to each")
-            for node in nodes:
-                await trio.to_thread.run_sync(node.store.add_model, "shared:v1", shared)
-                await node.refresh()
+            progress(f"replication: {count} peers up, each holding the shared model")
             arrivals: list[float] = []
             for node in nodes:
                 _observe(node, arrivals)
