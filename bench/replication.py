@@ -291,7 +291,7 @@ async def _cpu_share(measured: _Measured, window: float) -> float:
 
 
 async def _ping_rtt(node: Node, peer: str) -> float:
-    async with open_replicate_client(node.host, peer, timeout=10) as client:
+    async with open_replicate_client(node.host, peer, timeout=60) as client:
         await client.ping()  # the first one pays for the stream's negotiation
         samples = []
         for _ in range(5):
