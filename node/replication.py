@@ -256,6 +256,11 @@ class ReplicationManager:
 
     async def check_all(self, *, enforce: bool) -> None:
         """One round over every local model a policy covers; fixes what it finds."""
+        if not self._policies and not self._adopted:
+            # Nothing to replicate: a node that does not use replication pays nothing.
+            self._views.clear()
+            await trio.lowlevel.checkpoint()
+            return
         entries = await trio.to_thread.run_sync(self.node.store.list_models)
         seen: set[str] = set()
         now = trio.current_time()
