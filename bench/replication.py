@@ -50,7 +50,7 @@ FULL_WINDOW, QUICK_WINDOW = 15.0, 4.0
 FULL_SAMPLES, QUICK_SAMPLES = 3, 1
 FAST = (
     '[replication]\nhealth_check_interval = "1s"\nhealth_check_timeout = "1s"\n'
-    'policy_enforcement_interval = "30s"\n'
+    'policy_enforcement_interval = "5s"\n'
 )
 DEFAULT_INTERVAL = 30.0
 

@@ -449,7 +449,7 @@ class ReplicationManager:
         async def ask_status(peer: str) -> None:
             try:
                 async with open_replicate_client(
-                    self.node.host, peer, timeout=self.config.health_check_timeout
+                    self.node.host, peer, timeout=max(self.config.health_check_timeout, 5.0)
                 ) as client:
                     statuses[peer] = await client.status()
             except PEER_ERRORS as exc:
