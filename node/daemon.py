@@ -280,6 +280,10 @@ class Node:
     async def pull(self, name: str, emit: Emit) -> dict[str, Any]:
         return await pull_model(self, name, emit)
 
+    def published(self) -> dict[str, str]:
+        """Models this node provides: full name:tag -> manifest digest (a copy)."""
+        return dict(self._published)
+
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""
         return {key: set(holders) for key, holders in self._gossip.items()}

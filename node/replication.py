@@ -64,6 +64,7 @@ from protocols.replicate import (
     Status,
 )
 from storage.names import parse_model_name
+from storage.store import ModelEntry
 
 if TYPE_CHECKING:
     from node.daemon import Node
@@ -150,6 +151,10 @@ class ReplicationManager:
         self._nursery: trio.Nursery | None = None
         self._last_enforced: dict[str, float] = {}
         self._probe_streams: dict[str, ReplicateClient] = {}
+        self._entries: list[ModelEntry] | None = None
+        self._entries_key: tuple[tuple[str, str], ...] = ()
+        self._entries_at = 0.0
+        self._chunk_ids: dict[str, list[bytes]] = {}  # blob -> its chunk ids, for sampling
         # For the benchmark and tests: when the last replication request was sent.
         self.requests_sent = 0
         self.last_request_at: float | None = None
@@ -261,9 +266,20 @@ class ReplicationManager:
             self._views.clear()
             await trio.lowlevel.checkpoint()
             return
-        entries = await trio.to_thread.run_sync(self.node.store.list_models)
-        seen: set[str] = set()
         now = trio.current_time()
+        # Reading every manifest each second would be most of a round's cost: re-read
+        # only when the node published a change, and on enforcement rounds.
+        key = tuple(sorted(self.node.published().items()))
+        if (
+            self._entries is None
+            or key != self._entries_key
+            or enforce
+            or now - self._entries_at >= self.config.policy_enforcement_interval
+        ):
+            self._entries = await trio.to_thread.run_sync(self.node.store.list_models)
+            self._entries_key, self._entries_at = key, now
+        entries = self._entries
+        seen: set[str] = set()
         work: list[tuple[int, ModelView, bool]] = []
         for entry in entries:
             policy = self.policy_for(entry.name.full, entry.name.display)
@@ -304,7 +320,8 @@ class ReplicationManager:
         from node.daemon import model_key
 
         found: set[str] = set()
-        with trio.move_on_after(self.config.health_check_timeout):
+        # Lookups run once per enforcement round; a loaded DHT gets a few seconds.
+        with trio.move_on_after(max(self.config.health_check_timeout, 5.0)):
             for info in await self.node.dht.find_providers(model_key(parse_model_name(view.name))):
                 found.add(info.peer_id)
         for peer in found - set(view.holders):
@@ -323,7 +340,10 @@ class ReplicationManager:
         view.holders[me] = ReplicaState(
             me, "healthy", row is None or row.pinned, 0.0, time.time(), None
         )
-        chunks = await trio.to_thread.run_sync(self._sample_chunks, view.sample_blob)
+        if view.sample_blob in self._chunk_ids:
+            chunks = self._chunk_ids[view.sample_blob]
+        else:
+            chunks = await trio.to_thread.run_sync(self._sample_chunks, view.sample_blob)
         async with trio.open_nursery() as nursery:
             for peer in list(view.holders):
                 if peer != me:
@@ -332,7 +352,11 @@ class ReplicationManager:
     def _sample_chunks(self, blob: str | None) -> list[bytes]:
         if blob is None:
             return []
-        return [c.digest for c in self.node.store.db.blob_chunks(blob)]
+        if blob not in self._chunk_ids:
+            if len(self._chunk_ids) > 256:
+                self._chunk_ids.clear()
+            self._chunk_ids[blob] = [c.digest for c in self.node.store.db.blob_chunks(blob)]
+        return self._chunk_ids[blob]
 
     async def _probe(self, view: ModelView, peer: str, chunks: list[bytes]) -> None:
         state = view.holders[peer]
