@@ -56,6 +56,7 @@ from node.replication_service import (
     open_replicate_client,
 )
 from node.replication_target import ReplicaTarget
+from protocols.catalog import glob_matches
 from protocols.replicate import (
     MAX_PEERS,
     HaveReply,
@@ -151,6 +152,7 @@ class ReplicationManager:
         self._nursery: trio.Nursery | None = None
         self._last_enforced: dict[str, float] = {}
         self._probe_streams: dict[str, ReplicateClient] = {}
+        self._urgent: set[str] = set()  # globs of policies just set: their models first
         self._entries: list[ModelEntry] | None = None
         self._entries_key: tuple[tuple[str, str], ...] = ()
         self._entries_at = 0.0
@@ -212,7 +214,12 @@ class ReplicationManager:
             policy.max_replicas,
             policy.replication_factor,
         )
-        self._last_enforced.clear()
+        # The models this policy covers go first and at once; the rest keep their turn.
+        self._urgent.add(policy.glob)
+        for name, view in self._views.items():
+            if policy.matches(view.display):
+                self._last_enforced.pop(name, None)
+        self._entries = None  # models without a view yet are read again
         self._wake.set()
 
     def wake(self) -> None:
@@ -280,7 +287,7 @@ class ReplicationManager:
             self._entries_key, self._entries_at = key, now
         entries = self._entries
         seen: set[str] = set()
-        work: list[tuple[int, ModelView, bool]] = []
+        work: list[tuple[bool, int, ModelView, bool]] = []
         for entry in entries:
             policy = self.policy_for(entry.name.full, entry.name.display)
             view = self._views.get(entry.name.full)
@@ -304,12 +311,14 @@ class ReplicationManager:
                 continue
             every = policy.sync_interval or self.config.policy_enforcement_interval
             due = enforce or now - self._last_enforced.get(entry.name.full, -1e9) >= every
-            work.append((policy.priority, view, due))
+            urgent = any(glob_matches(g, entry.name.display) for g in self._urgent)
+            work.append((urgent, policy.priority, view, due))
         for name in list(self._views):
             if name not in seen:
                 del self._views[name]
         # Higher priority first, so a short worker pool heals the important models first.
-        for _, view, due in sorted(work, key=lambda w: -w[0]):
+        self._urgent.clear()
+        for _, _, view, due in sorted(work, key=lambda w: (not w[0], -w[1])):
             if due:
                 self._last_enforced[view.name] = trio.current_time()
                 await self._discover(view)
@@ -479,9 +488,28 @@ class ReplicationManager:
             except PEER_ERRORS as exc:
                 log.info("model %s: candidate %s gave no status (%s)", view.display, peer, exc)
 
+        asked = sorted(peers - exclude)
+        answered = trio.Event()
+        if not asked:
+            answered.set()
+        replies = 0
+
+        async def ask(peer: str) -> None:
+            nonlocal replies
+            await ask_status(peer)
+            replies += 1
+            if replies == len(asked):
+                answered.set()
+
         async with trio.open_nursery() as nursery:
-            for peer in sorted(peers - exclude):
-                nursery.start_soon(ask_status, peer)
+            for peer in asked:
+                nursery.start_soon(ask, peer)
+            # Every candidate gets health_check_timeout; slower ones are waited for (up
+            # to 5 s) only while too few have answered to place the copies.
+            with trio.move_on_after(self.config.health_check_timeout):
+                await answered.wait()
+            if len(statuses) >= needed:
+                nursery.cancel_scope.cancel()
         candidates = [Candidate(p, s.tags, s.free, s.load) for p, s in statuses.items()]
         ranked = placement(view.name, view.size, policy, candidates)
         if not ranked:
