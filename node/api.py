@@ -17,6 +17,7 @@ from node import registry_api
 from node.http import HTTPError, Request, Response, Router, json_response
 from node.ollama_api import DMM_VERSION, add_ollama_routes, rfc3339
 from node.proxy import UpstreamProxy, add_proxy_routes
+from node.replication_api import add_replication_routes
 from node.sync_api import add_sync_routes
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def build_router(node: Node) -> Router:
 
     registry_api.add_routes(router, node)  # OCI /v2/ for `ollama pull --insecure`
     add_sync_routes(router, node)
+    add_replication_routes(router, node)
     return router
 
 

@@ -19,6 +19,7 @@ import trio
 from node.config import Config, ConfigError, load_config, parse_duration, resolve_config_path
 from node.local import open_store
 from node.progress import progress_reporter, pull_progress
+from node.replication_cli import add_replication_commands
 from node.versions import VersionBook
 from storage.cas import BlobMismatchError, StoreBusyError
 from storage.db import DatabaseError
@@ -847,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="override cleanup_age, e.g. 0s to remove every unreferenced blob",
     )
+
+    add_replication_commands(sub, add, common, data)
 
     from node.sync_cli import add_sync_commands  # imported here: it imports this module
 

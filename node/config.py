@@ -27,6 +27,8 @@ import base58
 import multiaddr
 import multihash  # type: ignore[import-untyped]  # ships no type hints
 
+from node.replication_policy import Policy, PolicyDefaults, PolicyError, parse_policy
+
 __all__ = [
     "ACCESS_KEYS",
     "CHUNK_SIZE_MAX",
@@ -111,6 +113,8 @@ KNOWN_KEYS: Final[Mapping[str, tuple[str, ...]]] = MappingProxyType(
             "health_check_interval",
             "health_check_timeout",
             "policy_enforcement_interval",
+            "replica_capacity",
+            "policy",
         ),
         "network": ("listen", "bootstrap", "mdns", "allowlist"),
         "api": ("listen", "upstream", "upstream_registry", "token", "token_file"),
@@ -292,6 +296,10 @@ class ReplicationConfig:
     health_check_interval: float
     health_check_timeout: float
     policy_enforcement_interval: float
+    # Bytes of replica-only copies this node accepts for others; 0 = as free disk allows.
+    replica_capacity: int = 0
+    # [[replication.policy]] tables, in file order (node/replication_policy.py).
+    policies: tuple[Policy, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -859,7 +867,29 @@ class _Loader:
             policy_enforcement_interval=self.duration(
                 "replication.policy_enforcement_interval", "1m", positive=True
             ),
+            replica_capacity=self.size("replication.replica_capacity", "0"),
+            policies=self.policies(PolicyDefaults(low, high, factor)),
         )
+
+    def policies(self, defaults: PolicyDefaults) -> tuple[Policy, ...]:
+        tables = self.typed(
+            "replication.policy", (list,), "an array of tables [[replication.policy]]"
+        )
+        if tables is _MISSING:
+            return ()
+        policies: list[Policy] = []
+        for i, table in enumerate(tables):
+            key = f"replication.policy[{i}]"
+            if not isinstance(table, dict):
+                raise self.error(key, f"expected a table, got {_toml_type(table)}")
+            try:
+                policy = parse_policy(table, defaults)
+            except PolicyError as exc:
+                raise self.error(f"{key}.{exc.field}", exc.problem) from None
+            if any(p.glob == policy.glob for p in policies):
+                raise self.error(f"{key}.glob", f"{_quote(policy.glob)} has a policy already")
+            policies.append(policy)
+        return tuple(policies)
 
     def multiaddrs(self, key: str, default: tuple[str, ...], *, with_peer: bool) -> tuple[str, ...]:
         addrs = self.string_list(key, default)

@@ -44,6 +44,7 @@ from node.p2p import P2PError, P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
+from node.replication import ReplicationManager
 from node.sync import SyncManager
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
@@ -159,6 +160,7 @@ class Node:
         self.hooks = Hooks(config.hooks.commands, timeout=config.hooks.timeout)
         self.hooks.setup_default_hooks()
         self.sync = SyncManager(self)
+        self.replication = ReplicationManager(self)
 
     @property
     def peer_id(self) -> str:
@@ -190,6 +192,7 @@ class Node:
             if self.config.network.mdns:
                 await nursery.start(MdnsDiscovery(self.host, self._on_lan_peer).run)
             nursery.start_soon(self._publish_store_at_start)
+            await nursery.start(self.replication.run)
             if self.config.metrics.enabled:
                 await nursery.start(self.metrics.run)
             log.info(
@@ -442,6 +445,10 @@ class Node:
         self.audit.record(
             "api", peer=client, outcome="refused", reason=f"{method} {path}: no valid token"
         )
+
+    def published(self) -> dict[str, str]:
+        """Models this node provides: full name:tag -> manifest digest (a copy)."""
+        return dict(self._published)
 
     def gossip_holders(self) -> dict[tuple[str, str], set[str]]:
         """(model:tag full name, version id hex) -> peers that announced it."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -135,11 +135,24 @@ async def fetch_manifest(node: Node, digest: str, peers: list[str]) -> tuple[byt
     raise PullError(f"no peer sent manifest {digest}")
 
 
-async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
-    """Bring ``name_text`` into the local store; returns a summary of what moved."""
+async def pull_model(
+    node: Node,
+    name_text: str,
+    emit: Emit,
+    *,
+    pinned: bool = True,
+    peers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Bring ``name_text`` into the local store; returns a summary of what moved.
+
+    ``pinned=False`` marks a replica-only copy (replication may release it later); a copy
+    that was pinned stays pinned. ``peers``, when given, are the holders to fetch from
+    (no DHT lookups).
+    """
     name = parse_model_name(name_text)
     await emit({"status": "pulling manifest"})
-    holders = await find_holders(node, name)
+    # Named peers (a replication request's sender) hold the model: no DHT lookup needed.
+    holders = list(peers) if peers else await find_holders(node, name)
     local = await trio.to_thread.run_sync(node.store.layout.read, name)
     complete = local is not None and all(
         node.store.cas.location(d) == "file" for d in local.manifest.blob_digests()
@@ -147,16 +160,23 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     try:
         record, serving = await newest_record(node, name, holders)
     except PullError as exc:
-        if not complete:
+        if not complete and not peers:
             # No peer has it: the upstream registry is the last resort (it raises
             # this same error when no upstream is configured).
             from node.upstream import pull_upstream
 
             return await pull_upstream(node, name, emit, no_peer=str(exc))
+        if not complete:
+            raise  # the named peers (a replication request) could not serve it
         record, serving = None, []  # nobody to ask; what we hold is the newest we know
     if complete and (
         record is None or (local is not None and local.digest == record.manifest_digest)
     ):
+        if pinned and local is not None:
+            # A user pulling a replica-only copy makes it theirs: never released after.
+            await trio.to_thread.run_sync(
+                node.store.db.upsert_model, name.full, local.digest, local.manifest.total_size
+            )
         await emit({"status": "success", "already_complete": True})
         version = None if record is None else record.version_id.hex()
         return {
@@ -168,7 +188,9 @@ async def pull_model(node: Node, name_text: str, emit: Emit) -> dict[str, Any]:
     assert record is not None
     raw, manifest = await fetch_manifest(node, record.manifest_digest, serving)
     try:
-        return await _pull_layers(node, name, record, raw, manifest, serving, emit)
+        return await _pull_layers(
+            node, name, record, raw, manifest, serving, emit, pinned=pinned, lookup=not peers
+        )
     except* StoreFullError as group:
         # Raised in a worker thread, maybe alongside the cancellation of other fetches:
         # one line that says what to do, not a traceback and not "run it again".
@@ -187,21 +209,25 @@ async def _pull_layers(
     manifest: Manifest,
     serving: list[str],
     emit: Emit,
+    *,
+    pinned: bool,
+    lookup: bool,
 ) -> dict[str, Any]:
-    """Every missing blob, then the manifest last."""
+    """Every missing blob, then the manifest last. ``lookup=False``: only ``serving``
+    is asked, never the DHT."""
     fetched = local_bytes = 0
     peers_used: set[str] = set()
     for layer in manifest.all_layers():
         if node.store.cas.location(layer.digest) == "file":
             await emit(layer_event(layer.digest, layer.size, layer.size, 0))
             continue
-        result = await fetch_layer(node, name, layer, serving, emit)
+        result = await fetch_layer(node, name, layer, serving, emit, lookup=lookup)
         fetched += result.bytes_fetched
         local_bytes += result.bytes_local
         peers_used.update(result.peers_used)
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
-    await trio.to_thread.run_sync(write_manifest, node, name, raw, manifest)
+    await trio.to_thread.run_sync(write_manifest, node, name, raw, manifest, pinned)
     # Announcing and providing it (DHT walks) goes on after the pull reports success.
     node.refresh_soon()
     await emit(
@@ -238,9 +264,10 @@ async def fetch_layer(
     emit: Emit,
     *,
     reuse_local: bool = True,
+    lookup: bool = True,
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
-    sources = await _blob_sources(node, layer.digest, serving)
+    sources = await _blob_sources(node, layer.digest, serving) if lookup else serving
     size, chunks = await _chunk_list(node, layer.digest, sources)
     if size != layer.size:
         raise PullError(
@@ -279,7 +306,8 @@ async def fetch_layer(
     with plain_pull_errors():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
-            nursery.start_soon(provide)
+            if lookup:
+                nursery.start_soon(provide)
             try:
                 result = await fetch_blob(
                     node.host,
@@ -292,7 +320,7 @@ async def fetch_layer(
                     providers=sources,
                     on_progress=on_progress,
                     live=node.live_chunks,
-                    discover=discover,
+                    discover=discover if lookup else None,
                     reuse_local=reuse_local,
                 )
             except TransferError as exc:
@@ -342,7 +370,9 @@ async def _chunk_list(node: Node, digest: str, peers: list[str]) -> tuple[int, l
     raise PullError(f"no peer sent the chunk list of blob {digest}")
 
 
-def write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) -> None:
+def write_manifest(
+    node: Node, name: ModelName, raw: bytes, manifest: Manifest, pinned: bool = True
+) -> None:
     """Last step: the manifest appears only once every blob it names is in place."""
     with node.store.cas.commit_lock():
         missing = [d for d in manifest.blob_digests() if node.store.cas.location(d) != "file"]
@@ -350,7 +380,7 @@ def write_manifest(node: Node, name: ModelName, raw: bytes, manifest: Manifest) 
             raise PullError(f"blob {missing[0]} vanished before the manifest was written")
         node.store.layout.write_raw(name, raw)
     node.store.db.upsert_model(
-        name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size
+        name.full, "sha256:" + hashlib.sha256(raw).hexdigest(), manifest.total_size, pinned
     )
 
 

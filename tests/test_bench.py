@@ -158,3 +158,23 @@ def test_quick_swarm_run_builds_a_shaped_lan_and_leaves_nothing_behind(tmp_path:
     assert figures["N=2: holder upload"]["baseline_value"] >= 2.0
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert "dmmlab" not in left.stdout
+
+
+@pytest.mark.slow
+def test_quick_replication_run_reports_latency_cpu_share_and_heal_time(tmp_path: Path) -> None:
+    """A measured `dmm node start` process and five in-process peers: every figure is
+    there, positive, with its baseline; no timing is asserted (a shared machine)."""
+    out = tmp_path / "figures.json"
+    done = _bench("replication", "--quick", "--json", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
+    assert len(figures) == 5, sorted(figures)
+    for fig in figures.values():
+        assert set(fig) == FIGURE_KEYS and fig["bench"] == "replication", fig
+        assert fig["value"] >= 0 and fig["better"] == "lower", fig
+    with_baseline = [f for f in figures.values() if f["baseline"]]
+    assert len(with_baseline) == 3
+    for fig in with_baseline:
+        assert fig["baseline_value"] > 0
+        assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    assert "enforcement latency" in done.stdout  # the table, on stdout
