@@ -536,7 +536,7 @@ def _status_snapshot(config: Config) -> dict[str, Any]:
     }
     try:
         replicas = api_call(config, "GET", "/api/replicas", timeout=10.0)
-        snapshot["replicas"] = replicas.get("replicas", replicas.get("models", []))
+        snapshot["replicas"] = replicas.get("models", [])
     except NodeUnreachable:
         raise
     except CommandError:

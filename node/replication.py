@@ -247,6 +247,14 @@ class ReplicationManager:
     def get_all_replicas(self) -> list[dict[str, Any]]:
         return [self._view_json(v) for _, v in sorted(self._views.items())]
 
+    def health_counts(self) -> dict[str, int]:
+        """Holders of the replicated models held here, by health (the metrics read it)."""
+        counts: dict[str, int] = {}
+        for view in self._views.values():
+            for holder in view.holders.values():
+                counts[holder.health] = counts.get(holder.health, 0) + 1
+        return counts
+
     def _view_json(self, view: ModelView) -> dict[str, Any]:
         me = self.node.peer_id
         healthy = sum(1 for h in view.holders.values() if h.counts)

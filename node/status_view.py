@@ -114,12 +114,22 @@ def replicas_panel(replicas: list[dict[str, Any]] | None) -> RenderableType:
         )
     table = Table(expand=True, show_edge=False, box=None)
     table.add_column("model")
-    table.add_column("holders", justify="right")
-    table.add_column("health")
+    table.add_column("healthy / holders", justify="right")
+    table.add_column("status")
+    table.add_column("unhealthy holders")
     for entry in replicas:
-        holders = entry.get("replicas") or entry.get("holders") or []
-        health = entry.get("health") or entry.get("status") or "-"
-        table.add_row(str(entry.get("model", "?")), str(len(holders)), str(health))
+        holders = entry.get("replicas") or []
+        sick = [
+            f"{h.get('peer_id', '?')[-8:]} {h.get('health')}"
+            for h in holders
+            if h.get("health") not in (None, "healthy")
+        ]
+        table.add_row(
+            str(entry.get("model", "?")),
+            f"{entry.get('healthy', 0)} / {len(holders)}",
+            str(entry.get("status", "-")),
+            ", ".join(sick) or "-",
+        )
     return Panel(table, title="replicas", title_align="left")
 
 

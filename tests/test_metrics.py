@@ -281,3 +281,24 @@ def test_dmm_status_without_a_node_says_how_to_start_one(tmp_path: Path) -> None
     )
     assert got.returncode == 1
     assert "dmm node start" in got.stderr
+
+
+def test_status_view_shows_replica_health() -> None:
+    from node.status_view import replicas_panel
+
+    entry = {
+        "model": "llama:8b",
+        "healthy": 2,
+        "status": "under-replicated",
+        "replicas": [
+            {"peer_id": "12D3KooWAAAAAAAA11111111", "health": "healthy"},
+            {"peer_id": "12D3KooWBBBBBBBB22222222", "health": "healthy"},
+            {"peer_id": "12D3KooWCCCCCCCC33333333", "health": "unreachable"},
+        ],
+    }
+    console = Console(record=True, width=140)
+    console.print(replicas_panel([entry]))
+    out = console.export_text()
+    for text in ("llama:8b", "2 / 3", "under-replicated", "33333333 unreachable"):
+        assert text in out, text
+    assert "22222222" not in out  # healthy holders are not listed
