@@ -397,6 +397,7 @@ class Node:
         async with self._publish_lock:
             record = await self._publish(stored.name, stored.digest, stored.manifest)
         self.announcer.announce_nowait([record], self.host.listen_addrs)
+        self.audit.record("push", model=display, version=record.version_id.hex())
         log.info("model %s pushed: version %s", display, record.version_id.hex()[:12])
         await self.hooks.fire(
             "post-push", display, digest=stored.digest, version=record.version_id.hex()

@@ -207,6 +207,12 @@ class ReplicationManager:
         """Add or replace (same glob) a policy; persisted, and enforced at once."""
         self._policies[policy.glob] = policy
         await trio.to_thread.run_sync(self._save_settings)
+        self.node.audit.record(
+            "policy",
+            model=policy.glob,
+            reason=f"replication: min {policy.min_replicas}, max {policy.max_replicas}, "
+            f"factor {policy.replication_factor}",
+        )
         log.info(
             "policy %r set: min %d, max %d, factor %d",
             policy.glob,
@@ -555,6 +561,10 @@ class ReplicationManager:
     async def _request(
         self, view: ModelView, policy: Policy, peer: str, others: list[str]
     ) -> ReplicateReply | None:
+        if not self.node.acl.allowed(peer, "replicator", view.display):
+            # [[access]] rules name who may be asked to hold a copy: not this peer.
+            log.info("model %s: peer %s has no replicator role; not asked", view.display, peer)
+            return ReplicateReply("policy", f"peer {peer} has no replicator role for this model")
         request = ReplicateRequest(
             view.name,
             view.manifest_digest,
@@ -576,6 +586,14 @@ class ReplicationManager:
             peer,
             reply.code,
             f" ({reply.reason})" if reply.reason else "",
+        )
+        self.node.audit.record(
+            "replicate",
+            peer=peer,
+            model=view.display,
+            version=view.manifest_digest,
+            outcome="ok" if reply.accepted else "refused",
+            reason=f"{reply.code}: {reply.reason}" if reply.reason else reply.code,
         )
         if reply.accepted:
             view.pending[peer] = trio.current_time() + self.pending_for

@@ -64,6 +64,14 @@ class ReplicaTarget:
 
     async def answer_replicate(self, peer_id: str, request: ReplicateRequest) -> ReplicateReply:
         reply = await self._decide(peer_id, request)
+        self.manager.node.audit.record(
+            "replicate",
+            peer=peer_id,
+            model=request.name,
+            version=request.manifest_digest,
+            outcome="ok" if reply.accepted else "refused",
+            reason=f"asked to hold it: {reply.code} {reply.reason}".strip(),
+        )
         log.info(
             "model %s: replication request from %s: %s%s",
             request.name,

@@ -121,10 +121,20 @@ class SyncManager:
         return self.policy_book.effective(name)
 
     async def set_policy(self, obj: dict[str, Any]) -> SyncPolicy:
-        return await self.policy_book.set(obj)
+        policy = await self.policy_book.set(obj)
+        self.node.audit.record(
+            "policy",
+            model=policy.glob,
+            reason=f"sync: {policy.sync_type} every {policy.interval:g}s, "
+            f"conflicts: {policy.conflict_strategy}",
+        )
+        return policy
 
     async def remove_policy(self, glob: str) -> bool:
-        return await self.policy_book.remove(glob)
+        removed = await self.policy_book.remove(glob)
+        if removed:
+            self.node.audit.record("policy", model=glob, reason="sync: removed")
+        return removed
 
     # --- running -----------------------------------------------------------------------------
 

@@ -126,3 +126,56 @@ async def test_node_audits_pull_and_delete(tmp_path: Path, make_model: MakeModel
     assert pulls[1]["outcome"] == "failed" and pulls[1]["reason"] == failure
     deletes = [line for line in lines if line["action"] == "delete"]
     assert [d["model"] for d in deletes] == ["registry.ollama.ai/library/audited:v1"]
+
+
+async def test_node_audits_push_replicate_and_policy_changes(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    from node.replication_policy import parse_policy
+
+    with trio.fail_after(120):
+        async with open_node(node_config(tmp_path, "a")) as a:
+            gguf = make_model("held.gguf", size=2 * 1024 * 1024)
+            await trio.to_thread.run_sync(lambda: a.store.add_model("held:v1", gguf))
+            b_config = node_config(tmp_path, "b", [a.host.listen_addrs[0]])
+            async with open_node(b_config) as b:
+                await a.push("held:v1")
+                await a.replication.set_replication_policy(
+                    parse_policy({"glob": "held*", "min_replicas": 1}, a.replication.defaults)
+                )
+                await a.sync.set_policy({"glob": "other*"})
+                await a.sync.remove_policy("other*")
+                answer = await a.replication.replicate_model("held:v1", b.peer_id)
+                await a.audit.flush()
+                await b.audit.flush()
+                a_lines = audit_lines(a.config.audit.path)
+                b_lines = audit_lines(b_config.audit.path)
+    by_action = {line["action"]: line for line in a_lines}
+    assert by_action["push"]["model"] == "held:v1" and len(by_action["push"]["version"]) == 64
+    policies = [line for line in a_lines if line["action"] == "policy"]
+    assert [p["model"] for p in policies] == ["held*", "other*", "other*"]
+    assert policies[0]["reason"].startswith("replication: min 1")
+    assert policies[2]["reason"] == "sync: removed"
+    # The request, on both sides: who asked whom, about what, and the answer.
+    asked = [line for line in a_lines if line["action"] == "replicate"]
+    assert asked and asked[-1]["peer"] == b.peer_id and asked[-1]["model"] == "held:v1"
+    answered = [line for line in b_lines if line["action"] == "replicate"]
+    assert answered and answered[-1]["peer"] == a.peer_id
+    assert answer["code"] in ("accepted", "holding")
+
+
+async def test_only_peers_with_the_replicator_role_are_asked(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    with trio.fail_after(120):
+        async with open_node(node_config(tmp_path, "b")) as b:
+            rules = f'[[access]]\npeers = ["{b.peer_id}"]\nmodels = "*"\nroles = ["reader"]\n'
+            a_config = node_config(tmp_path, "a", [b.host.listen_addrs[0]], extra=rules)
+            async with open_node(a_config) as a:
+                gguf = make_model("kept.gguf", size=1024 * 1024)
+                await trio.to_thread.run_sync(lambda: a.store.add_model("kept:v1", gguf))
+                answer = await a.replication.replicate_model("kept:v1", b.peer_id)
+                await b.audit.flush()
+                b_lines = audit_lines(b.config.audit.path)
+    assert answer["code"] == "policy" and "no replicator role" in answer["reason"]
+    assert not [line for line in b_lines if line["action"] == "replicate"]  # never asked
