@@ -374,18 +374,35 @@ class SyncManager:
         cannot supply it (a lookup costs seconds on a big or half-connected network).
         """
         reuse = kind == "delta"
+        # A sync is a pull the node starts itself: the same hooks may refuse it or follow it.
+        hooks = self.node.hooks
+        await hooks.fire("pre-pull", name.display, digest=digest, source="sync")
         try:
-            raw, manifest, fetched = await fetch_version_data(
-                self.node, name, digest, peers, reuse_local=reuse
+            try:
+                raw, manifest, fetched = await fetch_version_data(
+                    self.node, name, digest, peers, reuse_local=reuse
+                )
+            except PullError:
+                more = [p for p in await self.holders(name) if p not in peers]
+                if not more:
+                    raise
+                raw, manifest, fetched = await fetch_version_data(
+                    self.node, name, digest, [*peers, *more], reuse_local=reuse
+                )
+            await trio.to_thread.run_sync(write_model, self.node, name, raw, manifest)
+        except PullError as exc:
+            await hooks.fire(
+                "post-pull", name.display, status="error", error=str(exc), source="sync"
             )
-        except PullError:
-            more = [p for p in await self.holders(name) if p not in peers]
-            if not more:
-                raise
-            raw, manifest, fetched = await fetch_version_data(
-                self.node, name, digest, [*peers, *more], reuse_local=reuse
-            )
-        await trio.to_thread.run_sync(write_model, self.node, name, raw, manifest)
+            raise
+        await hooks.fire(
+            "post-pull",
+            name.display,
+            status="success",
+            digest=digest,
+            bytes_fetched=fetched,
+            source="sync",
+        )
         return fetched
 
     async def _sign_merge(

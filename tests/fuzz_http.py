@@ -185,6 +185,17 @@ async def call_app(app: Router, case: HttpCase) -> tuple[int, bytes]:
     return _check_answer(case, sent)
 
 
+def _error_message(path: str, answer: Any) -> Any:
+    """The error's message: Ollama's ``{"error": ...}``, or under ``/v2/`` the OCI
+    distribution spec's ``{"errors": [{"code", "message", ...}]}``."""
+    if path.startswith("/v2/") and "errors" in answer:
+        first = answer["errors"][0]
+        if not isinstance(first["code"], str):
+            raise TypeError("an OCI error code is a string")
+        return first["message"]
+    return answer["error"]
+
+
 def _check_answer(case: HttpCase, sent: list[dict[str, Any]]) -> tuple[int, bytes]:
     where = f"{case.method} {case.path}"
     if not sent or sent[0].get("type") != "http.response.start":
@@ -199,8 +210,8 @@ def _check_answer(case: HttpCase, sent: list[dict[str, Any]]) -> tuple[int, byte
         return status, body
     if status >= 400:
         try:
-            error = json.loads(body)["error"]
-        except (ValueError, KeyError, TypeError):
+            error = _error_message(case.path, json.loads(body))
+        except (ValueError, KeyError, TypeError, IndexError):
             raise Finding(f"{where}: {status} without a JSON error: {body[:200]!r}") from None
         if not isinstance(error, str) or "\n" in error:
             raise Finding(f"{where}: {status} error is not one line: {error!r:.200}")
