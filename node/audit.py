@@ -62,7 +62,9 @@ class AuditLog:
         self.written = 0
         self._lock = threading.Lock()
         self._pending: list[str] = []
-        self._writing = False  # a batch taken from _pending is on its way to disk
+        # Lines are numbered as queued; flush waits until the writer has taken its number.
+        self._lines_queued = 0
+        self._lines_done = 0
         self._wakeup = trio.Event()
         self._flushed = trio.Event()
         self._write_lock = threading.Lock()
@@ -99,6 +101,7 @@ class AuditLog:
                 self.dropped += 1
                 return
             self._pending.append(line)
+            self._lines_queued += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued lines until cancelled; what is queued then is written before returning."""
@@ -118,11 +121,12 @@ class AuditLog:
     async def flush(self) -> None:
         """Return once everything recorded before the call is on disk (``run`` must run)."""
         with self._lock:
-            if not self._pending and not self._writing:
-                return
-        flushed = self._flushed
-        self._wakeup.set()
-        await flushed.wait()
+            target = self._lines_queued
+        # A batch already on its way may predate our lines: wait for as many as it takes.
+        while self._lines_done < target:
+            flushed = self._flushed
+            self._wakeup.set()
+            await flushed.wait()
 
     def _prepare(self) -> None:
         assert self.path is not None
@@ -132,7 +136,7 @@ class AuditLog:
         with self._lock:
             lines, self._pending = self._pending, []
             dropped, self.dropped = self.dropped, 0
-            self._writing = True
+            taken = self._lines_queued
         if dropped:
             lines.append(
                 json.dumps(
@@ -155,8 +159,7 @@ class AuditLog:
                 log.error(
                     "audit log %s not written (%d lines lost): %s", self.path, len(lines), exc
                 )
-        with self._lock:
-            self._writing = False
+        self._lines_done = taken
         flushed, self._flushed = self._flushed, trio.Event()
         flushed.set()
 

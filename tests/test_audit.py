@@ -58,6 +58,43 @@ async def test_rotation_keeps_n_files_of_bounded_size(tmp_path: Path) -> None:
     assert len(numbers) >= 4 * 20  # four files of at least one 20-line batch each
 
 
+async def test_flush_waits_for_lines_queued_while_a_batch_is_being_written(
+    tmp_path: Path,
+) -> None:
+    # The batch on its way to disk does not hold the line queued after it was taken;
+    # flush must wait for the next batch too, not return when the first one lands.
+    log = AuditLog(tmp_path / "audit.log")
+    writing, release = threading.Event(), threading.Event()
+    real_write = log._write
+
+    def slow_write(lines: list[str]) -> None:
+        writing.set()
+        release.wait(10)
+        real_write(lines)
+
+    log._write = slow_write  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(log.run)
+        log.record("pull", model="first:1")
+        with trio.fail_after(10):
+            flushed_first = trio.Event()
+
+            async def flush_first() -> None:
+                await log.flush()
+                flushed_first.set()
+
+            nursery.start_soon(flush_first)
+            await trio.to_thread.run_sync(writing.wait, 10)
+            log.record("pull", model="second:1")
+            release.set()
+            await log.flush()
+            # Read before cancelling: the writer's last act writes whatever is queued.
+            lines = audit_lines(tmp_path / "audit.log")
+            await flushed_first.wait()
+        nursery.cancel_scope.cancel()
+    assert [line["model"] for line in lines] == ["first:1", "second:1"]
+
+
 async def test_record_from_threads_never_blocks_and_overflow_is_counted(tmp_path: Path) -> None:
     log = AuditLog(tmp_path / "audit.log")
     # Nothing writes yet: the buffer fills to its bound, the rest is only counted.
