@@ -247,8 +247,7 @@ def parse_sync_policy(obj: object, defaults: SyncPolicy) -> SyncPolicy:
     strategy = obj.get("conflict_strategy", defaults.conflict_strategy)
     if strategy not in CONFLICT_STRATEGIES:
         raise ValueError(
-            f"conflict_strategy: {_quote(strategy)} is not one of "
-            + ", ".join(CONFLICT_STRATEGIES)
+            f"conflict_strategy: {_quote(strategy)} is not one of " + ", ".join(CONFLICT_STRATEGIES)
         )
     trusted = obj.get("trusted_authors", list(defaults.trusted_authors))
     if not isinstance(trusted, list | tuple) or not all(isinstance(t, str) for t in trusted):

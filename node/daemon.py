@@ -45,6 +45,7 @@ from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
 from node.replication import ReplicationManager
+from node.seeding import SuperSeeder
 from node.sync import SyncManager
 from node.versions import VersionBook
 from protocols.catalog import display_name, glob_matches, index_key_for_glob, index_keys_for_name
@@ -143,6 +144,7 @@ class Node:
             max_wantlist=config.limits.max_wantlist,
             limits=self.limits,
             access=self.access,
+            seeder=SuperSeeder(host.is_connected),
         )
         self.metrics = PerformanceMonitor(self, interval=config.metrics.interval)
         self.activity = Activity()
@@ -328,9 +330,7 @@ class Node:
             holders = self._gossip.setdefault((record.name, vid), {})
             holders[peer_id] = Holder(peer_id, tuple(announcement.listen_addrs), now)
             log.info("model %s version %s announced by %s", record.name, vid[:12], peer_id)
-            self.activity.event(
-                "announced", f"version {vid[:12]}", model=record.name, peer=peer_id
-            )
+            self.activity.event("announced", f"version {vid[:12]}", model=record.name, peer=peer_id)
             # A followed model syncs with the announcer at once (node/sync.py).
             self.sync.on_announced(peer_id, record)
 

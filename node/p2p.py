@@ -712,6 +712,13 @@ class P2PHost:
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer, conns in self._swarm.connections.items() if conns]
 
+    def is_connected(self, peer_id: str) -> bool:
+        try:
+            peer = _parse_peer_id(peer_id)
+        except ValueError:
+            return False
+        return bool(self._swarm.connections.get(peer))
+
     def set_stream_handler(self, protocol_id: str, handler: StreamHandler) -> None:
         """Run `handler` for each inbound stream of `protocol_id`.
 

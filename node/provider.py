@@ -18,6 +18,8 @@ What a caller may rely on:
   buffer that is written (``send_block_in_place``), then the stream is flushed.
 - At most ``upload_slots`` blocks per peer (over all its streams) are being read or sent
   at once; ``rate_limit`` bytes/s (0 = unlimited) is shared by every peer.
+- With a ``seeder`` (node/seeding.py), a block another peer got from us a moment ago may
+  be answered ``Elsewhere(peers)`` while several peers fetch the same blob (super-seeding).
 - Streams from a peer that ``scores.is_banned`` are reset at once.
 - Disk reads and hashing run in worker threads (at most ``read_threads``), never on the
   event loop. ``handle`` never raises: a broken stream is reset and logged in one line, a
@@ -43,6 +45,7 @@ from node.limits import LimitExceeded, Limits
 from node.live_chunks import LiveChunks
 from node.p2p import Stream
 from node.peerscore import PeerScores, TokenBucket
+from node.seeding import SuperSeeder
 from protocols.blocks import (
     DEFAULT_MAX_BLOCK,
     DEFAULT_MAX_WANTLIST,
@@ -55,6 +58,7 @@ from protocols.blocks import (
     BlockExchange,
     Cancel,
     DontHave,
+    Elsewhere,
     EndOfStream,
     ErrorReply,
     HaveReply,
@@ -92,6 +96,7 @@ class ProviderStats:
     bytes_out: collections.Counter[str] = field(default_factory=collections.Counter)
     blocks_served: int = 0
     blocks_missing: int = 0  # answered DontHave
+    blocks_redirected: int = 0  # answered Elsewhere
     corrupt_reads: int = 0  # bytes on disk that did not hash to their chunk id
     streams_refused: int = 0  # streams from banned peers
 
@@ -123,6 +128,7 @@ class BlockProvider:
         live: LiveChunks | None = None,
         limits: Limits | None = None,
         access: StoreAccess | None = None,
+        seeder: SuperSeeder | None = None,
     ) -> None:
         if upload_slots < 1:
             raise ValueError("upload_slots must be at least 1")
@@ -141,6 +147,7 @@ class BlockProvider:
         # of blobs some model it may read references. None = neither.
         self.limits = limits
         self.access = access
+        self.seeder = seeder
         # The largest chunk the store's chunker makes: blocks up to that size are served.
         self.max_block = min(MAX_BLOCK_LIMIT, max(DEFAULT_MAX_BLOCK, store.params.max_size))
         self.stats = ProviderStats()
@@ -446,6 +453,16 @@ class _ServedStream:
                 )
                 return
         async with self.slots.semaphore:
+            # Decided once a slot is ours, not on arrival: a request that waited in line
+            # sees what went out meanwhile.
+            if provider.seeder is not None:
+                peers = provider.seeder.elsewhere(
+                    self.peer, want.blob_digest, want.chunk_id, trio.current_time()
+                )
+                if peers:
+                    if await self._send(Elsewhere(want.request_id, peers)):
+                        provider.stats.blocks_redirected += 1
+                    return
             try:
                 buf = await provider.in_thread(
                     partial(provider._load_block, want, **provider._for_peer(self.peer))
@@ -472,6 +489,10 @@ class _ServedStream:
                     provider.stats.blocks_missing += 1
                 return
             await provider._bucket.take(want.length)
+            if provider.seeder is not None:
+                provider.seeder.sending(
+                    self.peer, want.blob_digest, want.chunk_id, trio.current_time()
+                )
             if await self._send_block(want, buf):
                 self.blocks += 1
                 self.bytes += want.length

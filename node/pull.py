@@ -214,17 +214,25 @@ async def _pull_layers(
     lookup: bool,
 ) -> dict[str, Any]:
     """Every missing blob, then the manifest last. ``lookup=False``: only ``serving``
-    is asked, never the DHT."""
+    is asked, never the DHT. Layers are fetched side by side, as Ollama does: the small
+    ones (config, template, params) do not wait behind the weights."""
     fetched = local_bytes = 0
     peers_used: set[str] = set()
-    for layer in manifest.all_layers():
+
+    async def one(layer: Layer) -> None:
+        nonlocal fetched, local_bytes
         if node.store.cas.location(layer.digest) == "file":
             await emit(layer_event(layer.digest, layer.size, layer.size, 0))
-            continue
+            return
         result = await fetch_layer(node, name, layer, serving, emit, lookup=lookup)
         fetched += result.bytes_fetched
         local_bytes += result.bytes_local
         peers_used.update(result.peers_used)
+
+    with plain_pull_errors():
+        async with trio.open_nursery() as nursery:
+            for layer in dict((layer.digest, layer) for layer in manifest.all_layers()).values():
+                nursery.start_soon(one, layer)
     await emit({"status": "verifying sha256 digest"})
     await emit({"status": "writing manifest"})
     await trio.to_thread.run_sync(write_manifest, node, name, raw, manifest, pinned)
@@ -267,7 +275,9 @@ async def fetch_layer(
     lookup: bool = True,
 ) -> FetchResult:
     """One blob from the swarm, reporting progress four times a second."""
-    sources = await _blob_sources(node, layer.digest, serving) if lookup else serving
+    # The holders already found serve from the start; the DHT's other providers (other
+    # pullers among them) join through `discover` while the fetch runs.
+    sources = serving or (await _blob_sources(node, layer.digest) if lookup else [])
     size, chunks = await _chunk_list(node, layer.digest, sources)
     if size != layer.size:
         raise PullError(
@@ -349,10 +359,10 @@ def layer_event(digest: str, total: int, completed: int, peers: int) -> dict[str
     }
 
 
-async def _blob_sources(node: Node, digest: str, serving: list[str]) -> list[str]:
+async def _blob_sources(node: Node, digest: str) -> list[str]:
     from node.daemon import blob_key
 
-    sources = dict.fromkeys(serving)
+    sources: dict[str, None] = {}
     with trio.move_on_after(10):
         for info in await node.dht.find_providers(blob_key(digest)):
             if info.peer_id != node.peer_id:

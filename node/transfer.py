@@ -39,7 +39,7 @@ import heapq
 import logging
 import math
 import random
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -62,6 +62,7 @@ from protocols.blocks import (
     BufferLike,
     Cancel,
     DontHave,
+    Elsewhere,
     EndOfStream,
     ErrorReply,
     HaveReply,
@@ -102,6 +103,11 @@ REASK_MAX = 4.0
 # How often ``discover`` is asked for more providers during a fetch, backing off.
 DISCOVER_MIN = 1.0
 DISCOVER_MAX = 8.0
+# Peers one fetch talks to at most: discovery and Elsewhere replies add no more.
+MAX_SESSION_PEERS = 64
+# A peer named in an Elsewhere may not have verified the chunk yet when we ask: asked
+# again after these delays before it counts as not having it.
+NAMED_RETRY_DELAYS = (0.5, 1.0, 2.0, 4.0)
 
 Discover = Callable[[], Awaitable[Sequence[str]]]
 
@@ -350,6 +356,12 @@ class _Peer:
     reask_at: float = 0.0  # when to ask again what it has (0 = not scheduled)
     reask_delay: float = REASK_MIN
     has_before_ask: int = 0  # len(has) when the latest WantHave round went out
+    # Units it holds but sent us elsewhere for (super-seeding): kept out of `has` while
+    # someone else may supply them, given back the moment no one can.
+    deferred: set[int] = field(default_factory=set)
+    # Units another peer named it for (Elsewhere) -> its DontHave answers to them so far.
+    named: dict[int, int] = field(default_factory=dict)
+    holdoff: dict[int, float] = field(default_factory=dict)  # unit -> not asked before
 
 
 class _Link:
@@ -513,6 +525,8 @@ class _Session:
             # Done when every chunk is written, or when nothing is in flight and no
             # peer left can supply any chunk still missing.
             stuck = not self.assigned and not any(self._obtainable(u) for u in self.pending)
+            if stuck and self.remaining and self._restore_deferred(self.pending):
+                stuck = False
             if not self.remaining or stuck:
                 self.finished.set()
         self._changed.set()
@@ -525,17 +539,28 @@ class _Session:
         await self._changed.wait()
 
     def _take_for(self, peer: _Peer) -> int | None:
-        while peer.heap:
-            avail, unit = heapq.heappop(peer.heap)
-            if unit not in self.pending or unit not in peer.has:
-                continue
-            if avail != self.avail[unit]:  # more (or fewer) peers have it since: re-rank
-                heapq.heappush(peer.heap, (self.avail[unit], unit))
-                continue
-            self.pending.discard(unit)
-            self.assigned[unit] = peer
-            return unit
-        return None
+        held: list[tuple[int, int]] = []
+        try:
+            while peer.heap:
+                avail, unit = heapq.heappop(peer.heap)
+                if unit not in self.pending or unit not in peer.has:
+                    continue
+                if avail != self.avail[unit]:  # more (or fewer) peers have it since: re-rank
+                    heapq.heappush(peer.heap, (self.avail[unit], unit))
+                    continue
+                due = peer.holdoff.get(unit)
+                if due is not None:
+                    if due > trio.current_time():
+                        held.append((avail, unit))
+                        continue
+                    del peer.holdoff[unit]
+                self.pending.discard(unit)
+                self.assigned[unit] = peer
+                return unit
+            return None
+        finally:
+            for item in held:
+                heapq.heappush(peer.heap, item)
 
     def _gain(self, peer: _Peer, unit: int) -> None:
         if unit in peer.has:
@@ -550,12 +575,28 @@ class _Session:
             peer.has.discard(unit)
             if peer.active:
                 self.avail[unit] -= 1
+            self._restore_deferred((unit,))
 
     def _deactivate(self, peer: _Peer) -> None:
         if peer.active:
             peer.active = False
             for unit in peer.has:
                 self.avail[unit] -= 1
+            self._restore_deferred(peer.has)
+
+    def _restore_deferred(self, units: Iterable[int]) -> bool:
+        """Give units back to the peers that deferred them where no one else may supply
+        them any more; whether any came back."""
+        restored = False
+        for unit in units:
+            if unit not in self.remaining or self._obtainable(unit):
+                continue
+            for peer in self.peers:
+                if peer.active and unit in peer.deferred:
+                    peer.deferred.discard(unit)
+                    self._gain(peer, unit)
+                    restored = True
+        return restored
 
     def _requeue(self, unit: int, peer: _Peer) -> None:
         """``peer`` no longer works on ``unit``: give it back to the queue."""
@@ -579,13 +620,16 @@ class _Session:
         return max(min(2, self.window), min(self.window, math.ceil(self.window * rate / best)))
 
     def _peer_done(self, peer: _Peer) -> bool:
-        # A peer waiting to be asked again (it may gain chunks) is not done.
+        # A peer waiting to be asked again (it may gain chunks) is not done, nor is one
+        # holding chunks it sent us elsewhere for.
         return (
             peer.known
             and peer.reask_at == 0
             and not peer.requests
             and not peer.writing
             and peer.has.isdisjoint(self.remaining)
+            # It sent us elsewhere for these: it serves them if that fails.
+            and peer.deferred.isdisjoint(self.remaining)
         )
 
     # ------------------------------------------------------------------ a peer
@@ -735,13 +779,14 @@ class _Session:
     async def _discoverer(self) -> None:
         """Asks ``discover`` for more providers now and then, and starts the new ones."""
         assert self.discover is not None and self._peer_nursery is not None
-        delay = DISCOVER_MIN
+        # The first lookup starts with the fetch: the caller no longer waits for it.
+        delay = 0.0
         while not self.finished.is_set():
             with trio.move_on_after(delay):
                 await self.finished.wait()
             if self.finished.is_set():
                 return
-            delay = min(delay * 2, DISCOVER_MAX)
+            delay = min(max(delay * 2, DISCOVER_MIN), DISCOVER_MAX)
             try:
                 found = await self.discover()
             except Exception as exc:  # discovery is an extra; the fetch goes on without
@@ -749,19 +794,25 @@ class _Session:
                 continue
             known = {p.peer_id for p in self.peers}
             for peer_id in dict.fromkeys(found):
-                if (
-                    peer_id in known
-                    or peer_id == self.host.peer_id
-                    or peer_id in self.dropped
-                    or self.scores.is_banned(peer_id)
-                    or self.finished.is_set()
-                ):
-                    continue
-                peer = _Peer(peer_id)
-                self.peers.append(peer)
-                log.info("blob %s: new provider %s joins the fetch", self.digest, peer_id)
-                self._peer_nursery.start_soon(self._run_peer, peer)
-                delay = DISCOVER_MIN
+                if peer_id not in known and self._join(peer_id, "found as a provider"):
+                    delay = DISCOVER_MIN
+
+    def _join(self, peer_id: str, why: str) -> _Peer | None:
+        """Start fetching from one more peer, unless it is us, failed, banned or too many."""
+        if (
+            peer_id == self.host.peer_id
+            or peer_id in self.dropped
+            or self.scores.is_banned(peer_id)
+            or self.finished.is_set()
+            or len(self.peers) >= MAX_SESSION_PEERS
+            or self._peer_nursery is None
+        ):
+            return None
+        peer = _Peer(peer_id)
+        self.peers.append(peer)
+        log.info("blob %s: peer %s joins the fetch (%s)", self.digest, peer_id, why)
+        self._peer_nursery.start_soon(self._run_peer, peer)
+        return peer
 
     async def _reader(self, peer: _Peer, link: _Link) -> None:
         conn = link.conn
@@ -779,7 +830,9 @@ class _Session:
                 elif isinstance(event, HaveReply):
                     self._on_have(peer, event.request_id, event.have)
                 elif isinstance(event, DontHave):
-                    self._on_refused(peer, event.request_id, "does not have it")
+                    self._on_dont_have(peer, event.request_id)
+                elif isinstance(event, Elsewhere):
+                    self._on_elsewhere(peer, event.request_id, event.peers)
                 elif isinstance(event, ErrorReply):
                     if event.request_id is None:
                         raise _PeerFailed(f"ended the stream: {event.code}: {event.message}")
@@ -799,7 +852,7 @@ class _Session:
         peer.last_arrival = trio.current_time()
         for chunk_id in have:
             unit = self.unit_of[chunk_id]
-            if unit in self.remaining:
+            if unit in self.remaining and unit not in peer.deferred:
                 self._gain(peer, unit)
         if not peer.wants:
             peer.known = True
@@ -811,6 +864,29 @@ class _Session:
                 len(peer.has),
                 len(self.units),
             )
+        self._notify()
+
+    def _on_dont_have(self, peer: _Peer, rid: int) -> None:
+        entry = peer.requests.get(rid)
+        unit = None if entry is None else entry[0]
+        answers = None if unit is None else peer.named.get(unit)
+        if unit is None or answers is None or answers >= len(NAMED_RETRY_DELAYS):
+            self._on_refused(peer, rid, "does not have it")
+            return
+        # Named for it a moment ago: it is most likely still receiving or checking it.
+        del peer.requests[rid]
+        peer.last_arrival = trio.current_time()
+        peer.named[unit] = answers + 1
+        due = peer.last_arrival + NAMED_RETRY_DELAYS[answers]
+        peer.holdoff[unit] = due
+        self._requeue(unit, peer)
+        assert self._peer_nursery is not None
+        self._peer_nursery.start_soon(self._wake_at, due)
+        self._notify()
+
+    async def _wake_at(self, when: float) -> None:
+        with trio.move_on_at(when):
+            await self.finished.wait()
         self._notify()
 
     def _on_refused(self, peer: _Peer, rid: int, reason: str) -> None:
@@ -830,6 +906,36 @@ class _Session:
             reason,
         )
         self._lose(peer, unit)
+        self._requeue(unit, peer)
+        self._notify()
+
+    def _on_elsewhere(self, peer: _Peer, rid: int, named: tuple[str, ...]) -> None:
+        """``peer`` holds the chunk but sent us to ``named``, which got it from it lately."""
+        entry = peer.requests.pop(rid, None)
+        if entry is None:
+            return
+        peer.last_arrival = trio.current_time()
+        unit = entry[0]
+        by_id = {p.peer_id: p for p in self.peers}
+        takers = 0
+        for peer_id in named:
+            other = by_id.get(peer_id) or self._join(peer_id, f"named by {peer.peer_id}")
+            if other is not None and other is not peer and other.active:
+                self._gain(other, unit)
+                other.named.setdefault(unit, 0)
+                takers += 1
+        log.debug(
+            "blob %s: peer %s sent chunk %d elsewhere (%d of %d named peers usable)",
+            self.digest,
+            peer.peer_id,
+            self.units[unit].indices[0],
+            takers,
+            len(named),
+        )
+        if takers:
+            # Gained by the others first, so losing it here does not count it unobtainable.
+            peer.deferred.add(unit)
+            self._lose(peer, unit)
         self._requeue(unit, peer)
         self._notify()
 

@@ -39,6 +39,7 @@ __all__ = [
     "MAX_BLOCK_LIMIT",
     "MAX_BLOCK_PREFIX",
     "MAX_CONTROL_FRAME",
+    "MAX_ELSEWHERE_PEERS",
     "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_IDS_PER_MESSAGE",
     "MAX_OFFSET",
@@ -51,6 +52,7 @@ __all__ = [
     "BufferLike",
     "Cancel",
     "DontHave",
+    "Elsewhere",
     "EndOfStream",
     "ErrorReply",
     "HaveReply",
@@ -77,6 +79,9 @@ MAX_IDS_PER_MESSAGE = 1024
 # Offsets and offset + length stay below this, like blob sizes in version records.
 MAX_OFFSET = 1 << 63
 MAX_ERROR_MESSAGE_LENGTH = 1024
+# Peers named in one Elsewhere, and the longest peer id text (base58btc, ~52 for ed25519).
+MAX_ELSEWHERE_PEERS = 8
+MAX_PEER_ID_LENGTH = 64
 _MAX_DIGEST_FIELD = 80
 ERROR_CODES = frozenset({"not-found", "bad-request", "refused", "internal"})
 # Every frame but a block's data: a WantHave or HaveReply of 1024 ids is ~35 KiB, an
@@ -174,6 +179,18 @@ class DontHave:
 
 
 @dataclass(frozen=True, slots=True)
+class Elsewhere:
+    """An answer to ``WantBlock``: the server holds the chunk but asks the client to get
+    it from ``peers``, which it sent the chunk to lately (super-seeding: a holder that
+    many pull from at once sends each chunk about once and lets the pullers trade).
+    ``peers`` names at least one peer id. A client asking again gets the chunk."""
+
+    TYPE: ClassVar[str] = "elsewhere"
+    request_id: int
+    peers: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     """A refusal. ``request_id`` ``None`` is about the stream, not one request: it is
     the server's last message, and every request still outstanding has failed."""
@@ -221,11 +238,13 @@ class EndOfStream:
 
 
 Request: TypeAlias = WantHave | WantBlock
-Response: TypeAlias = HaveReply | Block | DontHave | ErrorReply
-Message: TypeAlias = WantHave | WantBlock | Cancel | HaveReply | Block | DontHave | ErrorReply
+Response: TypeAlias = HaveReply | Block | DontHave | Elsewhere | ErrorReply
+Message: TypeAlias = (
+    WantHave | WantBlock | Cancel | HaveReply | Block | DontHave | Elsewhere | ErrorReply
+)
 
 REQUEST_TYPES: tuple[type[Request], ...] = (WantHave, WantBlock)
-RESPONSE_TYPES: tuple[type[Response], ...] = (HaveReply, Block, DontHave, ErrorReply)
+RESPONSE_TYPES: tuple[type[Response], ...] = (HaveReply, Block, DontHave, Elsewhere, ErrorReply)
 _MESSAGE_TYPES = (*REQUEST_TYPES, Cancel, *RESPONSE_TYPES)
 
 
@@ -383,6 +402,10 @@ def _to_map(message: Message) -> dict[str, Value]:
             fields.update(h=_id_list(have), d=_id_list(dont_have))
         case Block(chunk_id=chunk_id):
             fields.update(c=chunk_id)
+        case Elsewhere(peers=peers):
+            if type(peers) is not tuple:
+                raise LocalProtocolError(f"peers must be a tuple, not {type(peers).__name__}")
+            fields.update(p=list(peers))
         case ErrorReply(code=code, message=text):
             fields.update(c=code, m=text)
     return fields
@@ -463,6 +486,20 @@ def _decode_dont_have(obj: Mapping[str, Value]) -> DontHave:
     return DontHave(request_id=_request_id(obj))
 
 
+def _decode_elsewhere(obj: Mapping[str, Value]) -> Elsewhere:
+    check_keys(obj, ("t", "id", "p"))
+    peers = get_list_of(obj, "p", MAX_ELSEWHERE_PEERS, str)
+    if not peers:
+        raise Invalid("'p' is empty")
+    if len(set(peers)) != len(peers):
+        raise Invalid("'p' names a peer twice")
+    for peer in peers:
+        # Peer ids are base58btc: ASCII letters and digits only.
+        if not 1 <= len(peer) <= MAX_PEER_ID_LENGTH or not (peer.isascii() and peer.isalnum()):
+            raise Invalid(f"'p' holds something that is not a peer id: {peer[:80]!r}")
+    return Elsewhere(request_id=_request_id(obj), peers=tuple(peers))
+
+
 def _decode_error_reply(obj: Mapping[str, Value]) -> ErrorReply:
     check_keys(obj, ("t", "id", "c", "m"))
     code = get_str(obj, "c", 32)
@@ -482,6 +519,7 @@ _DECODERS: dict[str, Callable[[Mapping[str, Value]], Message | BlockHeader]] = {
     HaveReply.TYPE: _decode_have_reply,
     Block.TYPE: _decode_block_header,
     DontHave.TYPE: _decode_dont_have,
+    Elsewhere.TYPE: _decode_elsewhere,
     ErrorReply.TYPE: _decode_error_reply,
 }
 

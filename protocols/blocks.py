@@ -10,6 +10,7 @@ The client (fetching side) asks, the server (serving side) answers each request 
 
     WantHave(id, chunk_ids)                      -> HaveReply(id, have, dont_have)
     WantBlock(id, chunk_id, blob, offset, length) -> Block(id, chunk_id, data) | DontHave(id)
+                                                    | Elsewhere(id, peers)
     either request                               -> ErrorReply(id, code, message)
     Cancel(id)                                   -> no reply
 
@@ -80,6 +81,7 @@ from ._blocks_events import (
     MAX_BLOCK_LIMIT,
     MAX_BLOCK_PREFIX,
     MAX_CONTROL_FRAME,
+    MAX_ELSEWHERE_PEERS,
     MAX_ERROR_MESSAGE_LENGTH,
     MAX_IDS_PER_MESSAGE,
     MAX_OFFSET,
@@ -92,6 +94,7 @@ from ._blocks_events import (
     BufferLike,
     Cancel,
     DontHave,
+    Elsewhere,
     EndOfStream,
     ErrorReply,
     HaveReply,
@@ -118,6 +121,7 @@ __all__ = [
     "MAX_BLOCK_LIMIT",
     "MAX_BLOCK_PREFIX",
     "MAX_CONTROL_FRAME",
+    "MAX_ELSEWHERE_PEERS",
     "MAX_ERROR_MESSAGE_LENGTH",
     "MAX_IDS_PER_MESSAGE",
     "MAX_OFFSET",
@@ -130,6 +134,7 @@ __all__ = [
     "BufferLike",
     "Cancel",
     "DontHave",
+    "Elsewhere",
     "EndOfStream",
     "ErrorReply",
     "Event",
@@ -217,7 +222,7 @@ def _reply_mismatch(request: Request | BadRequest, response: Response | BlockHea
             if len(answered) != len(asked) or set(answered) != set(asked):
                 return "have reply does not list exactly the chunk ids asked for"
         case WantBlock():
-            if isinstance(response, DontHave):
+            if isinstance(response, DontHave | Elsewhere):
                 return None
             if not isinstance(response, (Block, BlockHeader)):
                 return f"{response.TYPE} does not answer want-block"
@@ -464,10 +469,7 @@ class BlockExchange:
 
     def _is_stale(self, event: Message | EndOfStream) -> bool:
         """A reply or cancel for a request seen before but no longer outstanding."""
-        if (
-            not isinstance(event, (Cancel, HaveReply, Block, DontHave, ErrorReply))
-            or event.request_id is None
-        ):
+        if not isinstance(event, (Cancel, *RESPONSE_TYPES)) or event.request_id is None:
             return False
         return event.request_id <= self._highest_id and event.request_id not in self._outstanding
 
@@ -509,10 +511,7 @@ class BlockExchange:
                     f"{len(self._cancelled)} cancels unconfirmed: the server is not "
                     "answering, close the stream instead"
                 )
-        elif (
-            isinstance(event, (HaveReply, Block, DontHave, ErrorReply, BlockHeader))
-            and event.request_id is not None
-        ):
+        elif isinstance(event, (*RESPONSE_TYPES, BlockHeader)) and event.request_id is not None:
             request = self._outstanding.get(event.request_id)
             if request is None and event.request_id in self._cancelled:
                 request = self._cancelled[event.request_id][0]

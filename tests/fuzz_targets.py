@@ -125,12 +125,14 @@ BLOCK_REQUESTS: tuple[blocks.Request, ...] = (
     blocks.WantHave(0, (_CHUNK, bytes(32))),
     blocks.WantBlock(1, _CHUNK, "sha256:" + "2" * 64, 0, 5),
     blocks.WantBlock(2, _CHUNK, "sha256:" + "2" * 64, 5, 5),
+    blocks.WantBlock(3, _CHUNK, "sha256:" + "2" * 64, 10, 5),
 )
 BLOCK_CLIENT_MESSAGES: tuple[blocks.Message, ...] = (*BLOCK_REQUESTS, blocks.Cancel(2))
 BLOCK_RESPONSES: tuple[blocks.Message, ...] = (
     blocks.HaveReply(0, (_CHUNK,), (bytes(32),)),
     blocks.Block(1, _CHUNK, b"chunk"),
     blocks.DontHave(2),
+    blocks.Elsewhere(3, ("12D3KooWPeerA", "12D3KooWPeerB")),
     blocks.ErrorReply(None, "internal", "disk gone"),
 )
 

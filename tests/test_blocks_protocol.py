@@ -35,6 +35,7 @@ from protocols.blocks import (
     BlockExchange,
     Cancel,
     DontHave,
+    Elsewhere,
     EndOfStream,
     ErrorReply,
     Event,
@@ -153,6 +154,20 @@ messages_st: st.SearchStrategy[Message] = st.one_of(
         ),
     ),
     st.builds(DontHave, request_ids),
+    st.builds(
+        Elsewhere,
+        request_ids,
+        st.lists(
+            st.text(
+                "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz",
+                min_size=1,
+                max_size=64,
+            ),
+            min_size=1,
+            max_size=8,
+            unique=True,
+        ).map(tuple),
+    ),
     st.builds(
         ErrorReply,
         st.one_of(st.none(), request_ids),
@@ -369,6 +384,29 @@ def test_want_have_and_dont_have() -> None:
     replies: list[Response] = [DontHave(1), HaveReply(0, (B,), (C, A))]
     assert deliver(server, client, *replies) == replies
     assert client.outstanding == server.outstanding == ()
+
+
+def test_elsewhere_answers_a_want_block_and_names_peers() -> None:
+    client, server = connected()
+    want = WantBlock(3, C, BLOB, 0, 100)
+    deliver(client, server, want)
+    reply = Elsewhere(3, ("12D3KooWAbc", "QmXyz"))
+    assert deliver(server, client, reply) == [reply]
+    assert client.outstanding == server.outstanding == ()
+    # It answers a want-block only, and names at least one well-formed peer, each once.
+    deliver(client, server, WantHave(4, (A,)))
+    for bad, reason in [
+        (Elsewhere(4, ("12D3KooWAbc",)), "does not answer want-have"),
+        (Elsewhere(4, ()), "empty"),
+        (Elsewhere(4, ("x", "x")), "twice"),
+        (Elsewhere(4, ("not/a/peer",)), "not a peer id"),
+        (Elsewhere(4, tuple(f"p{i}" for i in range(9))), "9"),
+        (Elsewhere(4, ["p"]), "must be a tuple"),  # type: ignore[arg-type]
+    ]:
+        with pytest.raises(LocalProtocolError, match=reason):
+            server.send(bad)
+    with pytest.raises(RemoteProtocolError, match="not a peer id"):
+        feed(client, [frame({"t": "elsewhere", "id": 4, "p": ["a b"]})])
 
 
 # ------------------------------------------------------------------ cancel

@@ -71,7 +71,11 @@ async def test_pullers_trade_chunks_and_spare_the_holder(
         # Every byte any puller fetched came from the holder or from another puller.
         fetched = sum(r["bytes_fetched"] for r in results.values())
         assert fetched == uploaded + from_pullers
-        print(f"holder uploaded {uploaded / size:.2f}x, pullers served {from_pullers / size:.2f}x")
+        redirected = holder.provider.stats.blocks_redirected
+        print(
+            f"holder uploaded {uploaded / size:.2f}x, pullers served {from_pullers / size:.2f}x, "
+            f"holder sent {redirected} requests elsewhere"
+        )
 
 
 def _holder_config(root: Path) -> Config:
