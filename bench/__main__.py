@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -110,13 +112,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     chosen = [known[n] for n in dict.fromkeys(args.names)] if args.names else list(known.values())
     figures: list[Figure] = []
+    failed: list[str] = []
     for benchmark in chosen:
-        figures.extend(benchmark.run(args.quick))
+        started = time.monotonic()
+        try:
+            figures.extend(benchmark.run(args.quick))
+        except Exception as exc:  # one broken benchmark must not cost the others' figures
+            failed.append(benchmark.name)
+            print(
+                f"bench: {benchmark.name} failed after {time.monotonic() - started:.0f} s: "
+                f"{type(exc).__name__}: {exc}",
+                file=sys.stderr,
+            )
+            traceback.print_exc(file=sys.stderr)
+        else:
+            print(
+                f"bench: {benchmark.name} took {time.monotonic() - started:.0f} s",
+                file=sys.stderr,
+                flush=True,
+            )
     print(format_table(figures))
+    if failed:
+        print(f"failed: {', '.join(failed)} (see stderr)")
     if args.json is not None:
         payload = {"figures": [f.to_json() for f in figures]}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

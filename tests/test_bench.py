@@ -178,3 +178,29 @@ def test_quick_replication_run_reports_latency_cpu_share_and_heal_time(tmp_path:
         assert fig["baseline_value"] > 0
         assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
     assert "enforcement latency" in done.stdout  # the table, on stdout
+
+
+def test_a_failing_benchmark_is_reported_and_the_others_still_print(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import bench
+    from bench.__main__ import main
+
+    def broken(quick: bool) -> list[bench.Figure]:
+        raise RuntimeError("the lab is on fire")
+
+    def fine(quick: bool) -> list[bench.Figure]:
+        return [bench.Figure.against("zz-fine", "speed", 2.0, "x", "baseline", 4.0)]
+
+    known = {
+        "aa-broken": bench.Benchmark("aa-broken", broken, "fails"),
+        "zz-fine": bench.Benchmark("zz-fine", fine, "works"),
+    }
+    monkeypatch.setattr("bench.__main__.discover", lambda: known)
+    out = tmp_path / "figures.json"
+    assert main(["--json", str(out)]) == 1
+    printed = capsys.readouterr()
+    assert "aa-broken failed" in printed.err and "the lab is on fire" in printed.err
+    assert "zz-fine" in printed.out and "0.500" in printed.out
+    assert "failed: aa-broken" in printed.out
+    assert [f["bench"] for f in json.loads(out.read_text())["figures"]] == ["zz-fine"]
