@@ -131,12 +131,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        if args.json is not None:
+            # Rewritten after each benchmark: a long run cut short keeps what it measured.
+            payload = {"figures": [f.to_json() for f in figures]}
+            args.json.write_text(json.dumps(payload, indent=2) + "\n")
     print(format_table(figures))
     if failed:
         print(f"failed: {', '.join(failed)} (see stderr)")
-    if args.json is not None:
-        payload = {"figures": [f.to_json() for f in figures]}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     return 1 if failed else 0
 
 
