@@ -24,6 +24,7 @@ from node.activity import Activity
 from node.announce import Announcer
 from node.api import build_router
 from node.audit import AuditLog
+from node.blob_fetches import BlobFetches
 from node.catalog_service import (
     CATALOG_PROTOCOL,
     CatalogServer,
@@ -135,6 +136,7 @@ class Node:
         )
         self.scores = PeerScores()
         self.live_chunks = LiveChunks()
+        self.blob_fetches = BlobFetches()
         self.provider = BlockProvider(
             store,
             self.scores,

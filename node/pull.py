@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from node.blob_fetches import SharedFetch
 from node.catalog_service import CatalogError, open_catalog_client
 from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
@@ -274,7 +275,54 @@ async def fetch_layer(
     reuse_local: bool = True,
     lookup: bool = True,
 ) -> FetchResult:
-    """One blob from the swarm, reporting progress four times a second."""
+    """One blob from the swarm, reporting progress four times a second.
+
+    A blob this node is already fetching for another pull is not fetched twice: this
+    call follows that fetch (its result moved no bytes of its own) and takes over if the
+    other pull is cancelled.
+    """
+    while (shared := node.blob_fetches.get(layer.digest)) is not None:
+        result = await _follow(shared, layer, emit)
+        if result is not None:
+            return result
+    with node.blob_fetches.lead(layer.digest) as shared:
+        try:
+            result = await _fetch_layer(
+                node, name, layer, serving, emit, shared, reuse_local=reuse_local, lookup=lookup
+            )
+        except PullError as exc:
+            shared.error = str(exc)
+            raise
+        shared.path = result.path
+        return result
+
+
+async def _follow(shared: SharedFetch, layer: Layer, emit: Emit) -> FetchResult | None:
+    """Wait for another pull's fetch of ``layer``; None if it was cancelled meanwhile."""
+    log.info("blob %s: another pull is fetching it; waiting for that", layer.digest[:19])
+    while not shared.finished.is_set():
+        await emit(layer_event(layer.digest, layer.size, min(shared.done_bytes, layer.size), 0))
+        with trio.move_on_after(0.25):
+            await shared.finished.wait()
+    if shared.error is not None:
+        raise PullError(shared.error)
+    if shared.path is None:
+        return None
+    await emit(layer_event(layer.digest, layer.size, layer.size, 0))
+    return FetchResult(shared.path, 0, 0, {}, ())
+
+
+async def _fetch_layer(
+    node: Node,
+    name: ModelName,
+    layer: Layer,
+    serving: list[str],
+    emit: Emit,
+    shared: SharedFetch,
+    *,
+    reuse_local: bool,
+    lookup: bool,
+) -> FetchResult:
     # The holders already found serve from the start; the DHT's other providers (other
     # pullers among them) join through `discover` while the fetch runs.
     sources = serving or (await _blob_sources(node, layer.digest) if lookup else [])
@@ -289,6 +337,7 @@ async def fetch_layer(
     def on_progress(n: int) -> None:
         nonlocal done
         done += n
+        shared.progress(n)
 
     async def report() -> None:
         while not finished.is_set():

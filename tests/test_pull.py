@@ -167,3 +167,35 @@ async def test_a_holder_that_went_away_does_not_fail_the_pull(
         with trio.fail_after(60):
             result = await puller.pull("twice:v1", quiet)
         assert result["peers"] == [a.peer_id]
+
+
+async def test_two_pulls_of_one_model_at_once_share_one_fetch(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    # Two `ollama pull`s of one model on one node: the second waits for the first's
+    # fetch instead of failing with "already being fetched", and no byte moves twice.
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await _add(a, make_model, "twice:v1", 32 * MiB)
+        results: list[dict[str, Any]] = []
+        followed: list[dict[str, Any]] = []
+
+        async def pull(events: list[dict[str, Any]] | None) -> None:
+            async def record(event: dict[str, Any]) -> None:
+                if events is not None:
+                    events.append(event)
+
+            results.append(await b.pull("twice:v1", record))
+
+        with trio.fail_after(90):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pull, None)
+                nursery.start_soon(pull, followed)
+        assert len(results) == 2 and all(r["already_complete"] is False for r in results)
+        size = b.store.get("twice:v1").manifest.total_size
+        assert sum(r["bytes_fetched"] for r in results) == size
+        assert b.store.verify("twice:v1").ok
+        assert len(b.blob_fetches) == 0
+        # The follower reported progress of the layer it waited for, ending complete.
+        layer = b.store.get("twice:v1").manifest.layers[0]
+        done = [e for e in followed if e.get("digest") == layer.digest]
+        assert done and done[-1]["completed"] == layer.size
