@@ -762,9 +762,21 @@ class P2PHost:
         return Stream(net_stream, self.meter)
 
     async def _close_connections(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for peer in list(self._swarm.connections):
-                nursery.start_soon(self.host.disconnect, peer)
+        # Stop accepting first: a peer that dials in while we close would otherwise get a
+        # connection nobody closes, and keep it until this process exits (the churn
+        # soak's lingering connection). Cancelling the listener also ends upgrades under way.
+        for listener in list(self._swarm.listeners.values()):
+            try:
+                await listener.close()
+            except Exception as exc:  # the library raises what it likes; closing goes on
+                log.debug("closing listener failed: %r", exc)
+        for _ in range(_CLOSE_PASSES):
+            peers = list(self._swarm.connections)
+            if not peers:
+                return
+            async with trio.open_nursery() as nursery:
+                for peer in peers:
+                    nursery.start_soon(self.host.disconnect, peer)
 
 
 def _check_port_free(addr: Multiaddr) -> None:
@@ -825,6 +837,10 @@ async def open_host(
             with trio.move_on_after(_CLOSE_GRACE_SECONDS) as scope:
                 scope.shield = True
                 await p2p_host._close_connections()
+
+
+# Sweeps over the connections when closing: one that arrived during a sweep gets the next.
+_CLOSE_PASSES = 3
 
 
 # --- Kademlia DHT (defects 12-19) ------------------------------------------------------
