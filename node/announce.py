@@ -295,15 +295,16 @@ class Announcer:
         record: VersionRecord | None = None,
     ) -> None:
         self.stats.dropped_bad += 1
+        counts = self.stats.bad_by_peer
+        first = peer not in counts
+        if first and len(counts) >= MAX_BAD_PEERS_TRACKED:
+            del counts[next(iter(counts))]
+        counts[peer] = counts.get(peer, 0) + 1
+        # Told after the counts: whoever it wakes sees them.
         if self._on_rejected is not None:
             self._on_rejected(peer, record, str(exc))
-        counts = self.stats.bad_by_peer
-        if peer in counts:
-            counts[peer] += 1
+        if not first:
             return
-        if len(counts) >= MAX_BAD_PEERS_TRACKED:
-            del counts[next(iter(counts))]
-        counts[peer] = 1
         log.warning(
             "dropped a bad announcement from %s (via %s): %s; further ones from this peer"
             " are only counted",

@@ -118,6 +118,10 @@ class Node:
         self.identity = identity
         self.store = store
         self.host = host
+        # Connections, manifests, announcements and replication health notify this;
+        # `wait_until` waits on it (node/changes.py).
+        self.changes = host.changes
+        store.layout.on_change = self.changes.notify
         # Security (README "Security"): `audit.record(...)` for anything worth an audit
         # line; `acl.allowed(peer, role, model)` for access decisions; `limits.guard` for
         # every inbound dmm protocol handler.
@@ -335,6 +339,12 @@ class Node:
             self.activity.event("announced", f"version {vid[:12]}", model=record.name, peer=peer_id)
             # A followed model syncs with the announcer at once (node/sync.py).
             self.sync.on_announced(peer_id, record)
+        self.changes.notify()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, re-checked at each change of the node's
+        connections, manifests, gossip tables or replica health (no polling)."""
+        await self.changes.wait_until(predicate)
 
     def add_model_hook(self, event: str, fn: HookFn) -> None:
         """Run ``fn(HookEvent)`` on ``event`` (see node/hooks.py); sync or async."""
@@ -442,6 +452,7 @@ class Node:
             outcome="refused",
             reason=f"gossip: {reason}",
         )
+        self.changes.notify()
 
     def _api_refused(self, client: str, method: str, path: str) -> None:
         log.info("API request %s %s from %s refused: no valid token", method, path, client)

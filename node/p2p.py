@@ -102,7 +102,16 @@ from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 import trio
-from libp2p.abc import IHost, IMuxedConn, INetStream, IRawConnection, ISecureConn
+from libp2p.abc import (
+    IHost,
+    IMuxedConn,
+    INetConn,
+    INetStream,
+    INetwork,
+    INotifee,
+    IRawConnection,
+    ISecureConn,
+)
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
@@ -144,6 +153,8 @@ from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.transport.tcp.tcp import TCP
 from libp2p.transport.upgrader import TransportUpgrader
 from multiaddr import Multiaddr
+
+from node.changes import Changes
 
 __all__ = [
     "COALESCE_BYTES",
@@ -674,12 +685,43 @@ StreamHandler = Callable[[Stream], Awaitable[None]]
 # --- the host -------------------------------------------------------------------------
 
 
+class _ConnectionChanges(INotifee):
+    """Notifies `changes` when a connection opens or closes (after the swarm's tables say so)."""
+
+    def __init__(self, changes: Changes) -> None:
+        self.changes = changes
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self.changes.notify()
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self.changes.notify()
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        pass
+
+
 class P2PHost:
-    """A running libp2p host. `host` is the py-libp2p host for the DHT and pubsub."""
+    """A running libp2p host. `host` is the py-libp2p host for the DHT and pubsub.
+
+    ``changes`` is notified whenever a connection opens or closes; the node notifies it of
+    its own changes too (node/changes.py).
+    """
 
     def __init__(self, host: BasicHost) -> None:
         self.host = host
         self._swarm: _Swarm = host.get_network()  # type: ignore[assignment]
+        self.changes = Changes()
+        self._swarm.register_notifee(_ConnectionChanges(self.changes))
         # Set by the node to rate-limit every dmm stream's bytes; None = unmetered.
         self.meter: StreamMeter | None = None
 
@@ -711,6 +753,10 @@ class P2PHost:
 
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer, conns in self._swarm.connections.items() if conns]
+
+    async def wait_connected(self, peer_id: str, *, connected: bool = True) -> None:
+        """Return once ``peer_id`` is connected (or, with ``connected=False``, is not)."""
+        await self.changes.wait_until(lambda: self.is_connected(peer_id) == connected)
 
     def is_connected(self, peer_id: str) -> bool:
         try:

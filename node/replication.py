@@ -338,6 +338,7 @@ class ReplicationManager:
                 await self._discover(view)
             await self._probe_all(view)
             await self._act(view, enforcing=due)
+        self.node.changes.notify()
 
     async def _discover(self, view: ModelView) -> None:
         from node.daemon import model_key

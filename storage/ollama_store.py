@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +39,12 @@ class OllamaLayout:
     def __init__(self, models_dir: Path) -> None:
         self.models_dir = models_dir
         self.manifests_dir = models_dir / "manifests"
+        # Called (from whatever thread wrote) after a manifest is written or deleted.
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     def manifest_path(self, name: ModelName) -> Path:
         return self.models_dir / name.manifest_relpath()
@@ -55,12 +61,14 @@ class OllamaLayout:
     def write(self, name: ModelName, manifest: Manifest) -> bytes:
         raw = manifest.to_bytes()
         atomic_write_bytes(self.manifest_path(name), raw)
+        self._changed()
         return raw
 
     def write_raw(self, name: ModelName, raw: bytes) -> None:
         """Write manifest bytes exactly as given (imports keep the digest Ollama shows)."""
         parse_manifest(raw)
         atomic_write_bytes(self.manifest_path(name), raw)
+        self._changed()
 
     def delete(self, name: ModelName) -> bool:
         path = self.manifest_path(name)
@@ -69,6 +77,7 @@ class OllamaLayout:
         except FileNotFoundError:
             return False
         remove_empty_parents(path.parent, self.manifests_dir)
+        self._changed()
         return True
 
     def walk(self) -> Iterator[StoredManifest | BrokenManifest]:

@@ -127,9 +127,11 @@ async def test_allowlist_refuses_an_outsider_and_dmm_peers_shows_it(tmp_path: Pa
     with trio.fail_after(120):
         async with open_node(load_config(path)) as private:
             ran: list[str] = []
+            handled = trio.Event()
 
             async def sentinel(stream: Any) -> None:
                 ran.append(stream.peer_id)
+                handled.set()
 
             private.host.set_stream_handler("/dmm/test-sentinel/1", sentinel)
             async with open_node(config(tmp_path, "outsider")) as outsider:
@@ -144,16 +146,15 @@ async def test_allowlist_refuses_an_outsider_and_dmm_peers_shows_it(tmp_path: Pa
                 assert ran == []
                 friend_cfg = config(tmp_path, "friend", bootstrap=[private.host.listen_addrs[0]])
                 async with open_node(friend_cfg, identity=friend_id) as friend:
-                    while friend.peer_id not in private.host.connected_peers():
-                        await trio.sleep(0.05)
+                    await private.host.wait_connected(friend.peer_id)
                     stream = await friend.host.open_stream(private.peer_id, "/dmm/test-sentinel/1")
                     await stream.aclose()
 
                     shown = await trio.to_thread.run_sync(lambda: dmm(path, "peers", "--json"))
                     text = await trio.to_thread.run_sync(lambda: dmm(path, "peers"))
                 await private.audit.flush()
-            while ran != [friend_id.peer_id_str]:
-                await trio.sleep(0.05)
+            await handled.wait()
+            assert ran == [friend_id.peer_id_str]
     answer = json.loads(shown.stdout)
     (refused,) = answer["refused"]
     assert refused["peer_id"] == outsider.peer_id
@@ -198,8 +199,9 @@ async def test_a_record_by_a_non_publisher_is_rejected_by_every_node(
                 assert records(c, "rogue:v1")
                 # ...gossip drops it at every node that hears it,
                 for node in (a, b):
-                    while rogue not in node.announcer.stats.bad_by_peer:
-                        await trio.sleep(0.05)
+                    await node.wait_until(
+                        lambda node=node: rogue in node.announcer.stats.bad_by_peer
+                    )
                     assert records(node, "rogue:v1") == []
                 # the DHT refuses to store or return it,
                 for node in (a, b):
@@ -213,8 +215,7 @@ async def test_a_record_by_a_non_publisher_is_rejected_by_every_node(
                 # The publisher's records are accepted everywhere (the same paths work).
                 await add(a, make_model, "blessed:v1")
                 for node in (b, c):
-                    while not records(node, "blessed:v1"):
-                        await trio.sleep(0.05)
+                    await node.wait_until(lambda node=node: bool(records(node, "blessed:v1")))
                 result = await b.pull("blessed:v1", quiet)
                 assert result["already_complete"] is False
                 for node in (a, b):

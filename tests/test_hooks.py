@@ -236,8 +236,7 @@ async def test_a_refused_followed_pull_leaves_the_node_up(
 
             follower.add_model_hook("pre-pull", refuse_async)
             with trio.fail_after(20):
-                while a.peer_id not in follower.host.connected_peers():
-                    await trio.sleep(0.05)
+                await follower.host.wait_connected(a.peer_id)
                 await follower.announcer.wait_for_peer(a.peer_id)
             await _add(a, make_model, "auto-model:v1")
             with trio.fail_after(60):

@@ -22,8 +22,7 @@ async def _add(node: Node, make_model: MakeModel, name: str, **kwargs: object) -
 
 async def _wait_connected(node: Node, peer: str) -> None:
     with trio.fail_after(20):
-        while peer not in node.host.connected_peers():
-            await trio.sleep(0.05)
+        await node.host.wait_connected(peer)
 
 
 async def test_find_a_model_held_three_bootstrap_hops_away(

@@ -33,8 +33,7 @@ async def _add(node: Node, make_model: MakeModel, name: str, size: int = MiB, **
 async def _connected(node: Node, peer: Node) -> None:
     """Wait until ``node`` has dialled its bootstrap ``peer`` (it does so in the background)."""
     with trio.fail_after(20):
-        while peer.peer_id not in node.host.connected_peers():
-            await trio.sleep(0.05)
+        await node.host.wait_connected(peer.peer_id)
 
 
 def _store_files(models_dir: Path) -> set[str]:

@@ -97,18 +97,14 @@ async def test_a_followed_model_is_pulled_when_announced(
         )
         async with open_node(config) as follower:
             with trio.fail_after(20):
-                while a.peer_id not in follower.host.connected_peers():
-                    await trio.sleep(0.05)
+                await follower.host.wait_connected(a.peer_id)
                 await follower.announcer.wait_for_peer(a.peer_id)
             await _add(a, make_model, "auto-model:v1", 3 * MiB)
             await _add(a, make_model, "ignored:v1", 1 * MiB, seed=4)
+            name = parse_model_name("auto-model:v1")
             with trio.fail_after(60):
-                while True:
-                    names = {m.name.display for m in follower.store.list_models()}
-                    if "auto-model:v1" in names:
-                        break
-                    await trio.sleep(0.1)
-            assert "ignored:v1" not in names
+                await follower.wait_until(lambda: follower.store.layout.read(name) is not None)
+            assert "ignored:v1" not in {m.name.display for m in follower.store.list_models()}
             assert follower.store.verify("auto-model:v1").ok
 
 
@@ -162,8 +158,9 @@ async def test_a_holder_that_went_away_does_not_fail_the_pull(
             await gone.refresh()
             # Let the puller hear of both holders before one of them goes.
             with trio.fail_after(30):
-                while len({p for hs in puller.gossip_holders().values() for p in hs}) < 2:
-                    await trio.sleep(0.05)
+                await puller.wait_until(
+                    lambda: len({p for hs in puller.gossip_holders().values() for p in hs}) >= 2
+                )
         with trio.fail_after(60):
             result = await puller.pull("twice:v1", quiet)
         assert result["peers"] == [a.peer_id]
