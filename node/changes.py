@@ -2,7 +2,8 @@
 instead of polling with sleeps.
 
 The node notifies it when a connection opens or closes, a manifest is written or deleted,
-a gossip announcement arrives, or replication health moves. ``wait_until(predicate)``
+a version record is new to its book, a gossip announcement arrives or is rejected, or a
+replication health round ends. ``wait_until(predicate)``
 returns as soon as the predicate holds; callers bound it with ``trio.fail_after``. A
 predicate over anything not listed here would wait for an unrelated change: keep the list
 and the callers in step.
@@ -15,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import trio
 
-__all__ = ["Changes"]
+__all__ = ["Changes", "wait_until_any"]
 
 
 class Changes:
@@ -47,3 +48,19 @@ class Changes:
         """Return once ``predicate()`` is true, checking it now and after each change."""
         while not predicate():
             await self._event.wait()
+
+
+async def wait_until_any(sources: Iterable[Changes], predicate: Callable[[], bool]) -> None:
+    """``wait_until`` for a condition over several nodes: re-checked when any changes."""
+    watched = list(sources)
+    while not predicate():
+        # Taken right after the check, with no checkpoint between: no change is missed.
+        current = [source._event for source in watched]
+        async with trio.open_nursery() as nursery:
+
+            async def first(event: trio.Event) -> None:
+                await event.wait()
+                nursery.cancel_scope.cancel()
+
+            for event in current:
+                nursery.start_soon(first, event)

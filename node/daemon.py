@@ -127,10 +127,12 @@ class Node:
         # every inbound dmm protocol handler.
         self.audit = audit if audit is not None else AuditLog(None)
         self.limits = limits if limits is not None else Limits(config.limits, audit=self.audit)
+        self.limits.on_change = self.changes.notify
         self.acl = Acl(config.access.rules, self_peer=host.peer_id)
         self.access = None if self.acl.open else StoreAccess(self.acl, store, self.audit)
         host.meter = self.limits
         self.book = VersionBook(store.db, identity, self.acl)
+        self.book.on_change = self.changes.notify
         self.dht = Dht(host, acl=self.acl, on_rejected=self._dht_record_rejected)
         self.announcer = Announcer(
             host, self._on_announcement, acl=self.acl, on_rejected=self._gossip_record_rejected

@@ -133,6 +133,7 @@ class Limits:
         self.stats = LimitStats()
         # Set once the host exists; None = bans only, no disconnect.
         self.disconnect = disconnect
+        self.on_change: Callable[[], None] | None = None  # called when a peer is banned
         self._peers: OrderedDict[str, _Peer] = OrderedDict()
         self._bans: OrderedDict[str, tuple[float, str]] = OrderedDict()
         self._refused: OrderedDict[str, Refusal] = OrderedDict()
@@ -227,6 +228,8 @@ class Limits:
         )
         if self.audit is not None:
             self.audit.record("limit", peer=peer, outcome="refused", reason=reason)
+        if self.on_change is not None:
+            self.on_change()
         if self._nursery is not None and self.disconnect is not None:
             self._nursery.start_soon(self._disconnect_soon, peer, self.disconnect)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from protocols.records import HybridClock, VersionRecord
@@ -45,6 +45,8 @@ class VersionBook:
         self.acl = acl
         self._lock = threading.Lock()
         self._clock = HybridClock(int(db.get_setting(_HLC_SETTING) or 0))
+        # Called (from whatever thread stored it) after a record new to this book is kept.
+        self.on_change: Callable[[], None] | None = None
 
     def _tick(self) -> int:
         hlc = self._clock.now(_wall_ms())
@@ -150,6 +152,12 @@ class VersionBook:
         return kept
 
     def _store(self, record: VersionRecord) -> bool:
+        added = self._add(record)
+        if added and self.on_change is not None:
+            self.on_change()
+        return added
+
+    def _add(self, record: VersionRecord) -> bool:
         return self.db.add_version(
             VersionRow(
                 id=record.version_id.hex(),

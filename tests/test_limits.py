@@ -188,8 +188,7 @@ async def _greedy_catalog(node: Node) -> tuple[int, str]:
                     nursery.start_soon(ask_forever, nursery)
         # Banned: it cannot come back.
         with trio.fail_after(20):
-            while node.limits.ban_reason(host.peer_id) is None:
-                await trio.sleep(0.05)
+            await node.wait_until(lambda: node.limits.ban_reason(host.peer_id) is not None)
             with pytest.raises(DialError):
                 while True:
                     await host.connect(node.host.listen_addrs[0])
@@ -248,10 +247,8 @@ async def test_huge_wantlists_get_a_peer_disconnected(tmp_path: Path) -> None:
                 events = await blocks_exchange(host, holder.peer_id, requests)
             except trio.BrokenResourceError:
                 events = []  # cut off before the replies could be read
-            while holder.limits.ban_reason(host.peer_id) is None:
-                await trio.sleep(0.05)
-            while host.peer_id in holder.host.connected_peers():
-                await trio.sleep(0.05)
+            await holder.wait_until(lambda: holder.limits.ban_reason(host.peer_id) is not None)
+            await holder.host.wait_connected(host.peer_id, connected=False)
     refusals = [e for e in events if isinstance(e, ErrorReply)]
     assert all(e.code in ("refused", "bad-request") for e in refusals)
     assert holder.limits.stats.violations >= 3

@@ -204,8 +204,7 @@ async def test_a_model_only_on_a_is_pulled_through_b_from_the_swarm(
                         nursery.start_soon(ollama_download, client, "library/remote", layer)
                 assert hashlib.sha256(whole[0]).hexdigest() == model["digest"][7:]
                 # Every blob is on B now: B wrote the manifest and holds the model.
-                while b.store.layout.read(name) is None:
-                    await trio.sleep(0.05)
+                await b.wait_until(lambda: b.store.layout.read(name) is not None)
         assert b.store.get("remote:v1").raw == source.raw
         assert b.store.verify("remote:v1").ok
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import trio
 
+from node.changes import wait_until_any
 from node.daemon import Node, open_node
 from node.replication_policy import Policy, PolicyDefaults, parse_policy
 from node.testing import node_config
@@ -73,15 +74,16 @@ async def _settles(nodes: Sequence[Node], count: int, name: str = MODEL) -> set[
     """Wait until exactly ``count`` nodes hold ``name`` and keep holding it for two health
     rounds (on a loaded machine a slow probe may overshoot for a moment: the
     surplus replica-only copy is then released, which is part of what this checks)."""
-    stable_since = trio.current_time()
-    last = _holders(nodes, name)
+    changes = [node.changes for node in nodes]
     while True:
-        await trio.sleep(0.1)
-        now = _holders(nodes, name)
-        if now != last:
-            last, stable_since = now, trio.current_time()
-        elif len(now) == count and trio.current_time() - stable_since >= 4:
-            return now
+        held = _holders(nodes, name)
+        if len(held) == count:
+            # Settled if nothing moves for 4 s (two health rounds).
+            with trio.move_on_after(4):
+                await wait_until_any(changes, lambda held=held: _holders(nodes, name) != held)
+                continue
+            return held
+        await wait_until_any(changes, lambda held=held: _holders(nodes, name) != held)
 
 
 @pytest.mark.slow
@@ -105,14 +107,19 @@ async def test_policy_min_3_reaches_exactly_3_holders_and_api_reports_them(
                 if node.peer_id in holders:
                     row = node.store.db.get_model(parse_model_name(MODEL).full)
                     assert row is not None and row.pinned is False
+
             # The origin's view: the same three holders, each answering its probes.
+            def all_healthy() -> bool:
+                view = origin.replication.get_replicas(MODEL)
+                health = {r["peer_id"]: r["health"] for r in view["replicas"]}
+                return health == dict.fromkeys(holders, "healthy")
+
             with trio.fail_after(30):
-                while True:
-                    shown = (await api.get("/api/replicas", params={"model": MODEL})).json()
-                    health = {r["peer_id"]: r["health"] for r in shown["replicas"]}
-                    if health == dict.fromkeys(holders, "healthy"):
-                        break
-                    await trio.sleep(0.2)
+                await origin.wait_until(all_healthy)
+            shown = (await api.get("/api/replicas", params={"model": MODEL})).json()
+            assert {r["peer_id"]: r["health"] for r in shown["replicas"]} == dict.fromkeys(
+                holders, "healthy"
+            )
             assert shown["healthy"] == 3 and shown["status"] == "ok"
             policies = (await api.get("/api/policy")).json()["policies"]
             assert [p["glob"] for p in policies] == ["replicated*"]
@@ -198,11 +205,11 @@ async def test_above_max_a_replica_only_copy_is_released_never_a_pinned_one(
         answer = await a.replication.replicate_model(MODEL, d.peer_id)
         assert answer["code"] == "accepted"
         with trio.fail_after(30):
-            while not _holds(d):
-                await trio.sleep(0.05)
+            await d.wait_until(lambda: _holds(d))
             # d took the copy with a's policy (max 2), saw four copies, released its own.
-            while _holds(d) or d.store.db.get_model(parse_model_name(MODEL).full) is not None:
-                await trio.sleep(0.05)
+            await d.wait_until(
+                lambda: not _holds(d) and d.store.db.get_model(parse_model_name(MODEL).full) is None
+            )
         with trio.fail_after(30):
             assert await _settles(nodes, 3) == {a.peer_id, b.peer_id, c.peer_id}
 
@@ -285,20 +292,20 @@ async def test_killed_holder_process_is_replaced_within_a_health_interval_plus_t
             # One health interval (2 s) to notice (the dial is refused), then the 2 MiB
             # transfer; generous bounds, since the test machine is shared.
             with trio.fail_after(30):
-                while len(_holders(nodes)) != 3:
-                    await trio.sleep(0.1)
+                await wait_until_any([n.changes for n in nodes], lambda: len(_holders(nodes)) == 3)
             healed_in = trio.current_time() - killed_at
             print(f"healed in {healed_in:.2f}s")
             with trio.fail_after(30):
                 await _settles(nodes, 3)
             survivor = next(n for n in nodes if _holds(n))
+
+            def proc_unreachable() -> bool:
+                view = survivor.replication.get_replicas(MODEL)
+                states = {r["peer_id"]: r["health"] for r in view["replicas"]}
+                return states.get(proc_id) == "unreachable" and view["healthy"] == 3
+
             with trio.fail_after(10):
-                while True:
-                    view = survivor.replication.get_replicas(MODEL)
-                    states = {r["peer_id"]: r["health"] for r in view["replicas"]}
-                    if states.get(proc_id) == "unreachable" and view["healthy"] == 3:
-                        break
-                    await trio.sleep(0.2)
+                await survivor.wait_until(proc_unreachable)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -62,8 +62,9 @@ async def test_ten_nodes_glob_finds_exactly_the_matching_models(
         await _add(nodes[5], make_model, "after:1", 5)
         with trio.fail_after(30):
             for node in nodes[6:]:
-                while not node.book.records("registry.ollama.ai/library/after:1"):
-                    await trio.sleep(0.05)
+                await node.wait_until(
+                    lambda node=node: bool(node.book.records("registry.ollama.ai/library/after:1"))
+                )
         for node in nodes:
             digests = {r.manifest_digest for r in node.book.records(good.name)}
             assert forged.manifest_digest not in digests

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from node.changes import wait_until_any
 from node.daemon import Node, open_node
 from node.identity import Identity
 from node.sync import SyncError
@@ -43,11 +44,12 @@ def _held(node: Node, name: ModelName = NAME) -> str | None:
     return stored.digest if stored is not None else None
 
 
-async def _until(predicate, what: str, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
-    """Poll a condition that no event announces (data arriving through several nodes)."""
+async def _until(
+    nodes: Sequence[Node], predicate: Callable[[], bool], what: str, timeout: float = 60
+) -> None:
+    """Wait for a condition over several nodes, re-checked whenever any of them changes."""
     with trio.move_on_after(timeout):
-        while not predicate():
-            await trio.sleep(0.1)
+        await wait_until_any([node.changes for node in nodes], predicate)
         return
     raise AssertionError(f"{what}: not reached within {timeout:g} s")
 
@@ -161,12 +163,14 @@ async def test_a_healed_partition_converges(
         a0, a1 = group_a
         b0, b1 = group_b
         v1 = await _shared_v1(a0, b0, make_model)
-        await _until(lambda: _held(a1) == _held(b1) == v1.manifest_digest, "v1 everywhere")
+        await _until(
+            (a1, b1), lambda: _held(a1) == _held(b1) == v1.manifest_digest, "v1 everywhere"
+        )
         v2a = await _add(a0, make_model, NAME.display, 2)
         v2b = await _add(b0, make_model, NAME.display, 3)  # later: the newest
         assert v2a.parents == v2b.parents == (v1.version_id,) and v2b.hlc > v2a.hlc
-        await _until(lambda: _held(a1) == v2a.manifest_digest, "v2a in group a")
-        await _until(lambda: _held(b1) == v2b.manifest_digest, "v2b in group b")
+        await _until((a1,), lambda: _held(a1) == v2a.manifest_digest, "v2a in group a")
+        await _until((b1,), lambda: _held(b1) == v2b.manifest_digest, "v2b in group b")
         nodes = [*group_a, *group_b]
         for node in nodes:
             assert not node.host.connected_peers() or all(
@@ -191,7 +195,7 @@ async def test_a_healed_partition_converges(
                     return False
             return True
 
-        await _until(converged, "every node on v2b", timeout=90)
+        await _until(nodes, converged, "every node on v2b", timeout=90)
         for node in nodes:
             assert node.store.verify(NAME.display).ok
             dag = VersionDag(node.book.records(NAME))

@@ -246,8 +246,8 @@ async def test_ollama_pulling_through_the_node_gets_what_no_peer_has_from_the_re
                     for layer in r.json()["layers"] + [r.json()["config"]]:
                         nursery.start_soon(ollama_download, client, "library/proxied", layer)
                 name = parse_model_name("proxied:v1")
-                while a.store.layout.read(name) is None:  # written after the last blob
-                    await trio.sleep(0.05)
+                # Written after the last blob.
+                await a.wait_until(lambda: a.store.layout.read(name) is not None)
                 missing = await client.get("/v2/library/nowhere/manifests/v1")
                 assert missing.status_code == 404
                 [error] = missing.json()["errors"]
