@@ -187,6 +187,18 @@ async def test_one_connection_per_peer() -> None:
             assert len(b.host.get_network().get_connections()) == 1
 
 
+async def test_auto_connect_aims_at_tens_of_connections_not_every_peer() -> None:
+    """Defect 21: the auto-connector dials until (low + high watermark) / 2; the library's
+    100 and 300 make every swarm under 200 nodes a full mesh. Pins the configuration: the
+    target, and inbound slots (defect 3) still enough for a seed that everyone dials."""
+    with trio.fail_after(10):
+        async with hosts(1) as (a,):
+            config = swarm_of(a).connection_config
+            assert (config.low_watermark + config.high_watermark) // 2 == 40
+            assert config.min_connections <= config.low_watermark
+            assert config.max_connections - config.min_connections >= 250
+
+
 async def test_listener_accepts_after_400_connections() -> None:
     """Defect 3: the inbound cap (250) counted every connection ever accepted.
 
