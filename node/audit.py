@@ -21,6 +21,7 @@ are cut to ``MAX_REASON`` characters.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,9 +66,12 @@ class AuditLog:
         # Lines are numbered as queued; flush waits until the writer has taken its number.
         self._lines_queued = 0
         self._lines_done = 0
-        self._wakeup = trio.Event()
+        self._wakeup = trio.Event()  # flush: write now
+        self._queued = trio.Event()  # the first line since the last write
         self._flushed = trio.Event()
         self._write_lock = threading.Lock()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread = 0
 
     @property
     def enabled(self) -> bool:
@@ -100,16 +104,39 @@ class AuditLog:
             if len(self._pending) >= MAX_PENDING:
                 self.dropped += 1
                 return
+            first = not self._pending
             self._pending.append(line)
             self._lines_queued += 1
+        if first:
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        # An idle log sleeps until a line comes (a node must not wake twice a second for
+        # nothing); lines come from worker threads too.
+        token = self._token
+        if token is None:
+            return  # `run` has not started: it looks at what is queued when it does
+        if threading.get_ident() == self._loop_thread:
+            self._queued.set()
+        else:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(lambda: self._queued.set())
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Write queued lines until cancelled; what is queued then is written before returning."""
-        if self.path is not None:
-            await trio.to_thread.run_sync(self._prepare)
+        if self.path is None:
+            task_status.started()
+            await trio.sleep_forever()
+        await trio.to_thread.run_sync(self._prepare)
+        self._token = trio.lowlevel.current_trio_token()
+        self._loop_thread = threading.get_ident()
         task_status.started()
         try:
             while True:
+                if not self._pending:
+                    await self._queued.wait()
+                self._queued = trio.Event()
+                # Lines that follow within the interval go out in the same write.
                 with trio.move_on_after(_FLUSH_INTERVAL):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()

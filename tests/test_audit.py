@@ -176,6 +176,8 @@ async def test_node_audits_push_replicate_and_policy_changes(
             await trio.to_thread.run_sync(lambda: a.store.add_model("held:v1", gguf))
             b_config = node_config(tmp_path, "b", [a.host.listen_addrs[0]])
             async with open_node(b_config) as b:
+                # b dials a in the background; a asks b over that connection.
+                await a.host.wait_connected(b.peer_id)
                 await a.push("held:v1")
                 await a.replication.set_replication_policy(
                     parse_policy({"glob": "held*", "min_replicas": 1}, a.replication.defaults)
