@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import struct
@@ -36,6 +35,7 @@ from pathlib import Path
 from storage.cas import BlobMismatchError, ContentAddressedStore
 from storage.chunks import DEFAULT_PARAMS, BlobIndex, ChunkParams, index_file
 from storage.fsutil import StoreFullError, fsync_dir
+from storage.locks import FileBusy, is_locked, open_locked
 from storage.names import digest_hex, parse_digest
 from storage.partial import PartialBusy
 
@@ -91,24 +91,9 @@ def stale_downloads(cas: ContentAddressedStore, older_than: float) -> list[Path]
                 if entry.stat().st_mtime >= cutoff:
                     continue
                 data = Path(entry.path[: entry.path.index(DATA_SUFFIX)] + DATA_SUFFIX)
-                if not _locked(data):
+                if not is_locked(data):
                     found.append(Path(entry.path))
     return sorted(found)
-
-
-def _locked(path: Path) -> bool:
-    """Whether a download holds ``path``'s flock right now."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def _encode(size: int, part_size: int, done: list[int]) -> bytes:
@@ -125,41 +110,6 @@ def _decode(data: bytes, size: int, part_size: int, count: int) -> list[int] | N
     if _HEADER.unpack_from(body) != (_MAGIC, size, part_size, count):
         return None
     return list(struct.unpack_from(f"<{count}Q", body, _HEADER.size))
-
-
-def _open_locked(path: Path, progress_path: Path, digest: str) -> tuple[int, bool]:
-    """Open (or create) and flock the data file; return (fd, created)."""
-    for _ in range(10):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            created = False
-        except FileNotFoundError:
-            # Progress left by an earlier download of this blob must never describe a
-            # new file: remove it, durably, before the new file can exist.
-            progress_path.unlink(missing_ok=True)
-            fsync_dir(path.parent)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue
-            created = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise PartialBusy(f"blob {digest} is already being downloaded") from None
-        # The writer we raced may have renamed this inode into place as the blob before
-        # we got the lock: only the inode still at the path is ours to write.
-        try:
-            at_path = os.stat(path)
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == (at_path.st_dev, at_path.st_ino):
-            return fd, created
-        os.close(fd)
-    raise PartialBusy(f"blob {digest}: its download file keeps changing under us")
 
 
 class RangedDownload:
@@ -207,7 +157,13 @@ class RangedDownload:
             raise ValueError(f"bad size {size} or part size {part_size}")
         count = max(1, -(-size // part_size))
         path, progress_path = download_paths(cas, digest)
-        fd, created = _open_locked(path, progress_path, digest)
+        try:
+            fd, created = open_locked(path, (progress_path,))
+        except FileBusy as exc:
+            what = "its download file keeps changing under us" if exc.changing else None
+            raise PartialBusy(
+                f"blob {digest}: {what}" if what else f"blob {digest} is already being downloaded"
+            ) from None
         try:
             done: list[int] | None = None
             if not created and os.fstat(fd).st_size == size:

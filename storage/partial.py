@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import os
 import struct
@@ -42,7 +41,8 @@ from pathlib import Path
 
 from storage.cas import ContentAddressedStore, StoreBusyError
 from storage.chunks import DEFAULT_PARAMS, BlobIndex, ChunkParams, ChunkRef, MiB, index_file
-from storage.fsutil import StoreFullError, fsync_dir
+from storage.fsutil import StoreFullError
+from storage.locks import FileBusy, open_locked
 from storage.names import digest_hex, parse_digest
 
 # Chunks are read whole into memory (to hash before writing); ChunkParams caps them at
@@ -171,44 +171,6 @@ def _check_chunks(size: int, chunks: Sequence[ChunkRef]) -> None:
         raise ValueError(f"chunks cover {end} bytes of a {size}-byte blob")
 
 
-def _open_locked(path: Path, progress_path: Path, digest: str) -> tuple[int, bool]:
-    """Open (or create) and flock the partial file; return (fd, created)."""
-    for _ in range(10):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-            created = False
-        except FileNotFoundError:
-            # Progress left by an earlier partial of this blob (finished, discarded or
-            # lost in a crash) must never describe the new file: remove it, durably,
-            # before the new file can exist. Removing progress is always safe.
-            progress_path.unlink(missing_ok=True)
-            _sidecar_tmp(progress_path).unlink(missing_ok=True)
-            fsync_dir(path.parent)
-            try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileExistsError:
-                continue  # another writer created it in between: look again
-            created = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise PartialBusy(f"blob {digest} is already being fetched") from None
-        # The writer we waited for may have renamed this inode into place as the blob,
-        # or unlinked it, before we got the lock: only the inode still at the path is
-        # ours to write, or we would scribble on a live blob.
-        try:
-            at_path = os.stat(path)
-        except FileNotFoundError:
-            os.close(fd)
-            continue
-        st = os.fstat(fd)
-        if (st.st_dev, st.st_ino) == (at_path.st_dev, at_path.st_ino):
-            return fd, created
-        os.close(fd)
-    raise PartialBusy(f"blob {digest}: its partial file keeps changing under us")
-
-
 def _sidecar_tmp(progress_path: Path) -> Path:
     return progress_path.with_name(progress_path.name + ".tmp")
 
@@ -289,7 +251,13 @@ class PartialBlob:
         chunk_tuple = tuple(chunks)
         _check_chunks(size, chunk_tuple)
         path, progress_path = partial_paths(cas, digest)
-        fd, created = _open_locked(path, progress_path, digest)
+        try:
+            fd, created = open_locked(path, (progress_path, _sidecar_tmp(progress_path)))
+        except FileBusy as exc:
+            what = "its partial file keeps changing under us" if exc.changing else None
+            raise PartialBusy(
+                f"blob {digest}: {what}" if what else f"blob {digest} is already being fetched"
+            ) from None
         try:
             st = os.fstat(fd)
             done: set[int] = set()

@@ -9,10 +9,8 @@ here is blocking and meant to run on a worker thread (``trio.to_thread``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +30,7 @@ from storage.db import MetadataDB
 from storage.download import stale_downloads
 from storage.fsutil import StoreFullError
 from storage.gguf import GGUFError, GGUFInfo, details, read_gguf_info
+from storage.locks import is_locked
 from storage.manifest import (
     CONFIG_MEDIA_TYPE,
     LICENSE_MEDIA_TYPE,
@@ -541,17 +540,7 @@ def _in_use(path: Path) -> bool:
         if path.name.endswith(PARTIAL_SUFFIX)
         else path.with_name(path.name.split(PROGRESS_SUFFIX)[0] + PARTIAL_SUFFIX)
     )
-    try:
-        fd = os.open(data, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return is_locked(data)
 
 
 def _disk_size(cas: ContentAddressedStore, digest: str) -> int:
