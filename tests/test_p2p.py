@@ -14,7 +14,6 @@ import pytest
 import trio
 import trio.testing
 from libp2p import new_host
-from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
@@ -85,32 +84,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-class Disconnects(INotifee):
-    """Sets `event` when `host` loses a connection."""
-
-    def __init__(self, host: P2PHost) -> None:
-        self.event = trio.Event()
-        host.host.get_network().register_notifee(self)
-
-    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        self.event.set()
-
-    async def connected(self, network: INetwork, conn: INetConn) -> None:
-        pass
-
-    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
-        pass
-
-    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        pass
-
-    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
-        pass
 
 
 class Sink:
@@ -505,12 +478,10 @@ async def test_exit_closes_connections_within_two_seconds() -> None:
                     for other in others:
                         await host.connect(other.listen_addrs[0])
                     assert len(host.connected_peers()) == 4
-                    watchers = [Disconnects(other) for other in others]
+                    gone = host.peer_id
             with trio.fail_after(5):
-                for watcher in watchers:
-                    await watcher.event.wait()
-            for other in others:
-                assert host.peer_id not in other.connected_peers()
+                for other in others:
+                    await other.wait_connected(gone, connected=False)
 
 
 def test_libp2p_logs_reach_dmm_logger(caplog: pytest.LogCaptureFixture) -> None:
