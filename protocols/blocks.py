@@ -109,7 +109,7 @@ from ._blocks_events import (
     decode_messages,
     encode_message,
 )
-from ._machine import NEED_DATA, NeedData, Role, State
+from ._machine import NEED_DATA, NeedData, Role, State, StreamMachine
 from .errors import LocalProtocolError, RemoteProtocolError
 
 __all__ = [
@@ -237,7 +237,7 @@ def _reply_mismatch(request: Request | BadRequest, response: Response | BlockHea
     return None
 
 
-class BlockExchange:
+class BlockExchange(StreamMachine[Event]):
     """One side of a ``/dmm/blocks/1`` stream.
 
     ``max_frame`` is the largest block this side asks for, serves or accepts (the
@@ -259,15 +259,12 @@ class BlockExchange:
             raise LocalProtocolError(f"max_frame must be in 1..{MAX_BLOCK_LIMIT}, not {max_frame}")
         if max_wantlist < 1 or max_in_flight < 1:
             raise LocalProtocolError("max_wantlist and max_in_flight must be at least 1")
-        self.role = role
+        # A server only ever receives control frames: no peer can make it buffer a block.
+        self._reader = MessageReader(max_frame if role is Role.CLIENT else 0)
+        super().__init__(role, self._reader)
         self.max_frame = max_frame
         self.max_wantlist = max_wantlist
         self.max_in_flight = max_in_flight
-        self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
-        # A server only ever receives control frames: no peer can make it buffer a block.
-        self._reader = MessageReader(max_frame if role is Role.CLIENT else 0)
-        self._eof_received = False
-        self._states = {Role.CLIENT: State.OPEN, Role.SERVER: State.OPEN}
         # The highest request id sent (client) or received (server); ids must increase.
         self._highest_id = -1
         # Requests sent and not yet answered (client), or received and not yet answered
@@ -279,14 +276,6 @@ class BlockExchange:
         self._cancelled: dict[int, tuple[Request | BadRequest, int]] = {}
 
     # ------------------------------------------------------------------ state
-
-    @property
-    def our_state(self) -> State:
-        return self._states[self.role]
-
-    @property
-    def their_state(self) -> State:
-        return self._states[self._peer_role]
 
     @property
     def outstanding(self) -> tuple[int, ...]:
@@ -303,38 +292,10 @@ class BlockExchange:
         """The smallest id the client may use for its next request."""
         return self._highest_id + 1
 
-    @property
-    def max_read(self) -> int:
-        """The most bytes to pass to one ``receive_data`` call."""
-        return self._reader.max_read
-
     # ---------------------------------------------------------------- receive
 
-    def receive_data(self, data: bytes) -> None:
-        """Bytes read from the stream; drain ``next_event`` before feeding more."""
-        if self._eof_received:
-            raise LocalProtocolError("receive_data after receive_eof")
-        self._reader.receive_data(data)
-
-    def receive_eof(self) -> None:
-        """The peer closed its side; ``next_event`` reports it after the buffered events."""
-        self._eof_received = True
-
-    def next_event(self) -> Event | NeedData:
-        """The next event from the peer, ``NEED_DATA``, or ``EndOfStream`` once it closed.
-
-        Raises ``RemoteProtocolError`` when the peer broke the protocol; the exchange
-        then stays broken and every later call raises too.
-        """
-        if self.their_state is State.ERROR:
-            raise RemoteProtocolError("the peer already broke the protocol on this stream")
-        if self.their_state is State.CLOSED:
-            return EndOfStream()
-        try:
-            return self._next_event()
-        except RemoteProtocolError:
-            self._states[self._peer_role] = State.ERROR
-            raise
+    def _end_of_stream(self) -> Event:
+        return EndOfStream()
 
     def _next_event(self) -> Event | NeedData:
         # Loops past what the caller never needs to see: block headers (checked, then

@@ -66,7 +66,7 @@ from ._catalog_events import (
     decode_message,
     encode_message,
 )
-from ._machine import NEED_DATA, NeedData, Role, State
+from ._machine import NEED_DATA, NeedData, Role, State, StreamMachine
 from .errors import LocalProtocolError, RemoteProtocolError
 from .framing import FrameDecoder, encode_frame
 
@@ -190,7 +190,7 @@ def _reply_mismatch(request: Request | BadRequest, response: Response) -> str | 
     return None
 
 
-class CatalogConnection:
+class CatalogConnection(StreamMachine[Event]):
     """One side of a ``/dmm/catalog/1`` stream.
 
     Clients may pipeline up to ``MAX_PIPELINE`` requests with distinct ids; the server may
@@ -200,14 +200,11 @@ class CatalogConnection:
     """
 
     def __init__(self, role: Role, *, max_frame: int | None = None) -> None:
-        self.role = role
-        self._peer_role = Role.SERVER if role is Role.CLIENT else Role.CLIENT
         if max_frame is None:
             max_frame = MAX_REQUEST_FRAME if role is Role.SERVER else MAX_REPLY_FRAME
         self._send_limit = MAX_REQUEST_FRAME if role is Role.CLIENT else MAX_REPLY_FRAME
         self._decoder = FrameDecoder(max_frame)
-        self._eof_received = False
-        self._states = {Role.CLIENT: State.OPEN, Role.SERVER: State.OPEN}
+        super().__init__(role, self._decoder)
         # Requests sent and not yet answered (client), or received and not yet answered
         # (server). Insertion order is request order.
         self._outstanding: dict[int, Request | BadRequest] = {}
@@ -215,50 +212,14 @@ class CatalogConnection:
     # ------------------------------------------------------------------ state
 
     @property
-    def our_state(self) -> State:
-        return self._states[self.role]
-
-    @property
-    def their_state(self) -> State:
-        return self._states[self._peer_role]
-
-    @property
     def outstanding(self) -> tuple[int, ...]:
         """Ids of the requests awaiting a response, oldest first."""
         return tuple(self._outstanding)
 
-    @property
-    def max_read(self) -> int:
-        """The most bytes to pass to one ``receive_data`` call."""
-        return self._decoder.max_read
-
     # ---------------------------------------------------------------- receive
 
-    def receive_data(self, data: bytes) -> None:
-        """Bytes read from the stream; drain ``next_event`` before feeding more."""
-        if self._eof_received:
-            raise LocalProtocolError("receive_data after receive_eof")
-        self._decoder.receive_data(data)
-
-    def receive_eof(self) -> None:
-        """The peer closed its side; ``next_event`` reports it after the buffered events."""
-        self._eof_received = True
-
-    def next_event(self) -> Event | NeedData:
-        """The next event from the peer, ``NEED_DATA``, or ``EndOfStream`` once it closed.
-
-        Raises ``RemoteProtocolError`` when the peer broke the protocol; the connection
-        then stays broken and every later call raises too.
-        """
-        if self.their_state is State.ERROR:
-            raise RemoteProtocolError("the peer already broke the protocol on this stream")
-        if self.their_state is State.CLOSED:
-            return EndOfStream()
-        try:
-            return self._next_event()
-        except RemoteProtocolError:
-            self._states[self._peer_role] = State.ERROR
-            raise
+    def _end_of_stream(self) -> Event:
+        return EndOfStream()
 
     def _next_event(self) -> Event | NeedData:
         payload = self._decoder.next_frame()

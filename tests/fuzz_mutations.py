@@ -120,6 +120,11 @@ def mutated_stream(
     return draw(byte_mutated(stream)) if draw(st.booleans()) else stream
 
 
+def whole_stream(frames: Sequence[bytes], framer: Callable[[bytes], bytes]) -> tuple[bytes, int]:
+    """The valid conversation, unmutated, as one ``stream_strategy`` value."""
+    return b"".join(framer(payload) for payload in frames), 4096
+
+
 def stream_strategy(
     frames: Sequence[bytes], framer: Callable[[bytes], bytes], *, cbor: bool = True
 ) -> Any:

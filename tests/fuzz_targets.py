@@ -27,7 +27,7 @@ from protocols.errors import RemoteProtocolError
 from protocols.framing import FrameDecoder, encode_frame
 from protocols.records import Announcement, VersionRecord, validate_record_key, version_key
 from storage.manifest import Layer, Manifest, ManifestError, parse_manifest
-from tests.fuzz_mutations import mutated, stream_strategy
+from tests.fuzz_mutations import mutated, stream_strategy, whole_stream
 
 ACCEPTED = "accepted"
 REFUSED = "refused"
@@ -66,6 +66,9 @@ class Target:
     summary: str
     strategy: st.SearchStrategy[Any]
     run: Callable[[Any], str]
+    # An input that must be accepted (the whole valid conversation), tried first: a stream
+    # target's mutations leave one whole only now and then.
+    valid: Any = None
 
 
 # --- valid inputs to mutate -------------------------------------------------------------
@@ -396,24 +399,28 @@ TARGETS: dict[str, Target] = {
             "CatalogConnection(SERVER).receive_data/next_event",
             stream_strategy(_catalog_frames(CATALOG_REQUESTS), _frame_catalog),
             _run_catalog_server,
+            whole_stream(_catalog_frames(CATALOG_REQUESTS), _frame_catalog),
         ),
         Target(
             "catalog-client",
             "CatalogConnection(CLIENT) with 4 requests out",
             stream_strategy(_catalog_frames(CATALOG_RESPONSES), _frame_catalog),
             _run_catalog_client,
+            whole_stream(_catalog_frames(CATALOG_RESPONSES), _frame_catalog),
         ),
         Target(
             "blocks-server",
             "BlockExchange(SERVER).receive_data/next_event",
             stream_strategy(_blocks_payloads(BLOCK_CLIENT_MESSAGES), _frame_blocks),
             _run_blocks_server,
+            whole_stream(_blocks_payloads(BLOCK_CLIENT_MESSAGES), _frame_blocks),
         ),
         Target(
             "blocks-client",
-            "BlockExchange(CLIENT) with 3 requests out",
+            f"BlockExchange(CLIENT) with {len(BLOCK_REQUESTS)} requests out",
             stream_strategy(_blocks_payloads(BLOCK_RESPONSES), _frame_blocks),
             _run_blocks_client,
+            whole_stream(_blocks_payloads(BLOCK_RESPONSES), _frame_blocks),
         ),
     )
 }

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 
 from storage.manifest import ManifestError, parse_manifest
 from tests.fuzz_targets import (
@@ -31,18 +31,19 @@ CI_EXAMPLES = 200
 def test_decoder_accepts_or_refuses_with_its_typed_error(target: Target) -> None:
     outcomes: Counter[str] = Counter()
 
-    @settings(
+    def fuzz(value: Any) -> None:
+        outcomes[check(target, value)] += 1
+
+    run = given(target.strategy)(fuzz)
+    if target.valid is not None:
+        run = example(target.valid)(run)
+    settings(
         max_examples=CI_EXAMPLES,
         deadline=None,
         database=None,
         derandomize=True,
         suppress_health_check=list(HealthCheck),
-    )
-    @given(target.strategy)
-    def fuzz(value: Any) -> None:
-        outcomes[check(target, value)] += 1
-
-    fuzz()
+    )(run)()
     # Both outcomes seen: the mutations reach past the first check, and valid-looking
     # inputs still get through (a target that refuses everything tests nothing).
     assert outcomes[REFUSED] > 0 and outcomes[ACCEPTED] > 0, outcomes
