@@ -10,6 +10,7 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+import node.fetch_session
 import node.transfer
 from node.peerscore import PeerScores
 from node.provider import BlockProvider
@@ -70,7 +71,7 @@ async def test_a_named_peer_that_cannot_help_is_a_detour_not_a_failure(
     tmp_path: Path, gguf: Path, named: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The puller asks a named peer again a few times before coming back: short here.
-    monkeypatch.setattr(node.transfer, "NAMED_RETRY_DELAYS", (0.05, 0.1))
+    monkeypatch.setattr(node.fetch_session, "NAMED_RETRY_DELAYS", (0.05, 0.1))
     seed_store, empty_store = new_store(tmp_path, "seed"), new_store(tmp_path, "empty")
     with new_store(tmp_path, "puller") as store:
         blob = hold(seed_store, "small:latest", gguf)
