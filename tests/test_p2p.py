@@ -172,6 +172,20 @@ async def test_auto_connect_aims_at_tens_of_connections_not_every_peer() -> None
             assert config.max_connections - config.min_connections >= 250
 
 
+async def test_connections_send_no_rtt_pings() -> None:
+    """Defect 22: yamux's RTT loop pings every connection every 30 s from both ends, for
+    an estimate nothing reads. Ours returns at once and has sent nothing."""
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            await a.connect(b.listen_addrs[0])
+            for host in (a, b):
+                (conn,) = swarm_of(host).get_connections()
+                muxed = conn.muxed_conn
+                with trio.fail_after(1):
+                    await muxed._measure_rtt_loop()  # type: ignore[attr-defined]
+                assert muxed._ping_id == 0  # type: ignore[attr-defined]
+
+
 async def test_listener_accepts_after_400_connections() -> None:
     """Defect 3: the inbound cap (250) counted every connection ever accepted.
 
