@@ -31,9 +31,11 @@ __all__ = ["SuperSeeder"]
 DEFAULT_MIN_AGE = 0.5
 # A peer that asked for a block of the blob this recently is still fetching it.
 DEFAULT_ACTIVE_FOR = 10.0
-# Blobs tracked at once (least recently used go first), and hints kept per blob.
+# Blobs tracked at once (least recently used go first), hints kept per blob, and
+# (peer, chunk) sends remembered over all blobs: a few MiB at most.
 MAX_BLOBS = 32
 MAX_HINTS_PER_BLOB = 200_000
+MAX_SENT_ENTRIES = 100_000
 
 
 @dataclass(slots=True)
@@ -61,12 +63,15 @@ class SuperSeeder:
         active_for: float = DEFAULT_ACTIVE_FOR,
         max_blobs: int = MAX_BLOBS,
         max_hints: int = MAX_HINTS_PER_BLOB,
+        max_sent: int = MAX_SENT_ENTRIES,
     ) -> None:
         self.reachable = reachable
         self.min_age = min_age
         self.active_for = active_for
         self.max_blobs = max_blobs
         self.max_hints = max_hints
+        self.max_sent = max_sent
+        self._sent_entries = 0
         self._blobs: collections.OrderedDict[str, _Blob] = collections.OrderedDict()
         self.redirected = 0  # requests answered Elsewhere
 
@@ -75,7 +80,8 @@ class SuperSeeder:
         if blob is None:
             blob = self._blobs[digest] = _Blob()
             while len(self._blobs) > self.max_blobs:
-                self._blobs.popitem(last=False)
+                _, gone = self._blobs.popitem(last=False)
+                self._sent_entries -= sum(len(r) for r in gone.sent.values())
         else:
             self._blobs.move_to_end(digest)
         return blob
@@ -102,10 +108,16 @@ class SuperSeeder:
     def sending(self, peer: str, digest: str, chunk_id: bytes, now: float) -> None:
         """We are about to send ``chunk_id`` of ``digest`` to ``peer``."""
         blob = self._blob(digest)
-        recipients = blob.sent.setdefault(chunk_id, [])
+        recipients = blob.sent.get(chunk_id)
+        if recipients is None:
+            if self._sent_entries >= self.max_sent:
+                return  # the table is full: this chunk is simply served again if asked
+            recipients = blob.sent[chunk_id] = []
+        before = len(recipients)
         recipients[:] = [(p, at) for p, at in recipients if p != peer]
         recipients.append((peer, now))
         del recipients[:-MAX_ELSEWHERE_PEERS]
+        self._sent_entries += len(recipients) - before
 
     def _fetching(self, blob: _Blob, now: float) -> int:
         """How many peers are fetching the blob from us now."""

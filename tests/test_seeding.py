@@ -72,3 +72,16 @@ def test_tables_are_bounded() -> None:
     for i in range(20):
         s.sending(f"q{i}", BLOB, B, 0.0)
     assert len(s._blobs[BLOB].sent[B]) == 8
+
+
+def test_the_record_of_sends_is_bounded_over_all_blobs() -> None:
+    s = seeder(max_sent=5, max_blobs=2)
+    for n in range(10):
+        s.sending("p1", BLOB, bytes([n]) * 32, 0.0)
+    assert sum(len(r) for r in s._blobs[BLOB].sent.values()) == 5
+    # Evicting a blob gives its entries back.
+    s.sending("p1", "sha256:" + "01" * 32, A, 0.0)
+    s.sending("p1", "sha256:" + "02" * 32, A, 0.0)
+    assert BLOB not in s._blobs
+    s.sending("p1", "sha256:" + "02" * 32, B, 0.0)
+    assert len(s._blobs["sha256:" + "02" * 32].sent) == 2
