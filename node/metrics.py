@@ -274,6 +274,8 @@ class _StateCollector(Collector):
         )
         served.add_metric(["served"], node.provider.stats.blocks_served)
         served.add_metric(["missing"], node.provider.stats.blocks_missing)
+        # Sent to peers that got the chunk from us a moment ago (super-seeding).
+        served.add_metric(["elsewhere"], node.provider.stats.blocks_redirected)
         served.add_metric(["corrupt_on_disk"], node.provider.stats.corrupt_reads)
         served.add_metric(["refused"], node.provider.stats.streams_refused)
         yield served
