@@ -430,7 +430,9 @@ class BlockExchange(StreamMachine[Event]):
 
     def _is_stale(self, event: Message | EndOfStream) -> bool:
         """A reply or cancel for a request seen before but no longer outstanding."""
-        if not isinstance(event, (Cancel, *RESPONSE_TYPES)) or event.request_id is None:
+        # Spelled out, not *RESPONSE_TYPES: mypy narrows only on a literal tuple.
+        replies = (Cancel, HaveReply, Block, DontHave, Elsewhere, ErrorReply)
+        if not isinstance(event, replies) or event.request_id is None:
             return False
         return event.request_id <= self._highest_id and event.request_id not in self._outstanding
 
@@ -472,7 +474,10 @@ class BlockExchange(StreamMachine[Event]):
                     f"{len(self._cancelled)} cancels unconfirmed: the server is not "
                     "answering, close the stream instead"
                 )
-        elif isinstance(event, (*RESPONSE_TYPES, BlockHeader)) and event.request_id is not None:
+        elif (
+            isinstance(event, (HaveReply, Block, DontHave, Elsewhere, ErrorReply, BlockHeader))
+            and event.request_id is not None
+        ):
             request = self._outstanding.get(event.request_id)
             if request is None and event.request_id in self._cancelled:
                 request = self._cancelled[event.request_id][0]
