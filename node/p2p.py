@@ -87,10 +87,15 @@ Found later, in Yamux over Noise:
 22. Yamux pings every connection every 30 s, from both ends, to estimate an RTT nothing
     reads: at 100 nodes in one process, sending and answering those pings took ~40 % of
     the core. `_Yamux` sends none (it still answers a peer's).
+23. A pubsub stream that delivers a message while the pubsub service is stopping makes
+    ``continuously_read_stream`` start a task in its closed nursery; the RuntimeError
+    escapes the stream handler into the connection and out of ``open_host``, so a node
+    stopping while gossip arrives crashed. `guard_pubsub_streams` ends such a stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import os
@@ -190,6 +195,7 @@ __all__ = [
     "StreamMeter",
     "StreamRefused",
     "configure_libp2p_logging",
+    "guard_pubsub_streams",
     "open_host",
 ]
 
@@ -906,6 +912,31 @@ async def open_host(
 
 # Sweeps over the connections when closing: one that arrived during a sweep gets the next.
 _CLOSE_PASSES = 3
+
+
+# --- Pubsub (defect 23) ------------------------------------------------------------
+
+
+def guard_pubsub_streams(
+    host: P2PHost,
+    protocols: Iterable[str],
+    handler: Callable[[INetStream], Awaitable[None]],
+) -> None:
+    """Serve pubsub's ``protocols`` with ``handler`` (``Pubsub.stream_handler``), but end
+    the stream instead of crashing the connection once the pubsub service has stopped."""
+
+    async def guarded(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except RuntimeError as exc:
+            if "closed to new arrivals" not in str(exc):
+                raise
+            log.debug("pubsub stream from %s ended: pubsub has stopped", stream.muxed_conn.peer_id)
+            with contextlib.suppress(Exception):  # the library raises what it likes
+                await stream.reset()
+
+    for protocol in protocols:
+        host.host.set_stream_handler(TProtocol(protocol), guarded)
 
 
 # --- Kademlia DHT (defects 12-19) ------------------------------------------------------

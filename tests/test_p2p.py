@@ -8,7 +8,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import cast
+from typing import Any, cast
 
 import pytest
 import trio
@@ -43,6 +43,7 @@ from node.p2p import (
     Stream,
     StreamRefused,
     configure_libp2p_logging,
+    guard_pubsub_streams,
     open_host,
 )
 
@@ -184,6 +185,27 @@ async def test_connections_send_no_rtt_pings() -> None:
                 with trio.fail_after(1):
                     await muxed._measure_rtt_loop()  # type: ignore[attr-defined]
                 assert muxed._ping_id == 0  # type: ignore[attr-defined]
+
+
+async def test_a_pubsub_stream_after_pubsub_stopped_is_ended_not_a_crash() -> None:
+    """Defect 23: pubsub's handler starting a task in its closed nursery raised out of the
+    connection and out of open_host. Guarded, the stream is reset and the host stays up."""
+    reached = trio.Event()
+
+    async def stopped_pubsub(stream: Any) -> None:
+        reached.set()
+        raise RuntimeError("Nursery is closed to new arrivals")
+
+    with trio.fail_after(10):
+        async with hosts(2) as (a, b):
+            guard_pubsub_streams(a, ["/dmm/test-pubsub/1"], stopped_pubsub)
+            await b.connect(a.listen_addrs[0])
+            stream = await b.open_stream(a.peer_id, "/dmm/test-pubsub/1")
+            await stream.send_all(b"hello")
+            await reached.wait()
+            with pytest.raises(trio.BrokenResourceError):
+                await read_all(stream)  # reset, not a clean end
+            assert a.is_connected(b.peer_id)
 
 
 async def test_listener_accepts_after_400_connections() -> None:
