@@ -41,6 +41,8 @@ PEER_ERRORS = (CatalogError, P2PError, trio.BrokenResourceError, trio.TooSlowErr
 
 # Looking up or announcing more providers during a fetch: a bounded extra, never a wait.
 DHT_STEP_TIMEOUT = 5.0
+# Connected peers asked directly when neither the DHT nor gossip names a holder.
+MAX_NEIGHBOURS_ASKED = 32
 
 
 class PullError(RuntimeError):
@@ -72,7 +74,10 @@ def plain_pull_errors() -> Iterator[None]:
 
 
 async def find_holders(node: Node, name: ModelName) -> list[str]:
-    """Peers holding any version of ``name``: DHT providers and peers that gossiped it."""
+    """Peers holding any version of ``name``: DHT providers and peers that gossiped it;
+    failing both, the peers we are connected to (each is asked, as a LAN neighbour would
+    be: a DHT walk can run out of time on a busy swarm, and gossip only tells of models
+    announced after we joined)."""
     from node.daemon import model_key
 
     found: dict[str, None] = {}
@@ -83,6 +88,15 @@ async def find_holders(node: Node, name: ModelName) -> list[str]:
         if full == name.full:
             found.update(dict.fromkeys(holders))
     found.pop(node.peer_id, None)
+    if not found:
+        neighbours = [p for p in node.host.connected_peers() if p != node.peer_id]
+        if neighbours:
+            log.info(
+                "pull %s: no provider found in the DHT or gossip; asking %d connected peer(s)",
+                name.display,
+                min(len(neighbours), MAX_NEIGHBOURS_ASKED),
+            )
+        found = dict.fromkeys(neighbours[:MAX_NEIGHBOURS_ASKED])
     return list(found)
 
 

@@ -196,3 +196,29 @@ async def test_two_pulls_of_one_model_at_once_share_one_fetch(
         layer = b.store.get("twice:v1").manifest.layers[0]
         done = [e for e in followed if e.get("digest") == layer.digest]
         assert done and done[-1]["completed"] == layer.size
+
+
+async def test_a_pull_asks_connected_peers_when_neither_dht_nor_gossip_names_a_holder(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    from node.daemon import model_key
+
+    async with open_swarm(tmp_path, 1) as (a,):
+        await _add(a, make_model, "quiet:v1", 2 * MiB)
+        # Announced before b joined (so b's gossip table never hears of it), and no
+        # longer provided in the DHT: only asking a neighbour finds it.
+        a.dht.unprovide(model_key(parse_model_name("quiet:v1")))
+        async with open_node(node_config(tmp_path, "b", [a.host.listen_addrs[0]])) as b:
+            with trio.fail_after(30):
+                await b.host.wait_connected(a.peer_id)
+                assert await b.dht.find_providers(model_key(parse_model_name("quiet:v1"))) == []
+                # a re-announces what it holds to a new peer; on a busy swarm that can
+                # come after the pull has looked: b has not heard it yet.
+                b._gossip.clear()
+                result = await b.pull("quiet:v1", _ignore)
+            assert result["peers"] == [a.peer_id]
+            assert b.store.verify("quiet:v1").ok
+
+
+async def _ignore(event: dict[str, Any]) -> None:
+    pass
