@@ -59,8 +59,6 @@ log = logging.getLogger("dmm.node")
 
 BOOTSTRAP_BACKOFF_MAX = 60.0
 BOOTSTRAP_CHECK_INTERVAL = 10.0
-# How long the addresses a gossip announcement gives are kept for dialing its sender.
-ANNOUNCED_ADDR_TTL = 3600
 
 
 def model_key(name: ModelName) -> str:
@@ -329,8 +327,6 @@ class Node:
 
     async def _on_announcement(self, peer_id: str, announcement: Announcement) -> None:
         now = time.time()
-        # Where the announcer listens: health checks and pulls dial it by peer id.
-        self.host.remember_addrs(peer_id, announcement.listen_addrs, ANNOUNCED_ADDR_TTL)
         for record in announcement.records:
             try:
                 await trio.to_thread.run_sync(self.book.accept, record)

@@ -779,25 +779,6 @@ class P2PHost:
     def connected_peers(self) -> list[str]:
         return [str(peer) for peer, conns in self._swarm.connections.items() if conns]
 
-    def remember_addrs(self, peer_id: str, addrs: Iterable[str], ttl: float) -> int:
-        """Keep ``addrs`` (multiaddrs, with or without ``/p2p/<id>``) as where ``peer_id``
-        listens, for ``ttl`` seconds, so a later stream to it can dial; unreadable ones
-        are skipped. Returns how many were kept."""
-        try:
-            peer = _parse_peer_id(peer_id)
-        except ValueError:
-            return 0
-        kept: list[Multiaddr] = []
-        for addr in addrs:
-            transport = addr.split("/p2p/", 1)[0]
-            try:
-                kept.append(Multiaddr(transport))
-            except Exception:  # the library raises what it likes on bad text
-                continue
-        if kept:
-            self.host.get_peerstore().add_addrs(peer, kept, int(ttl))
-        return len(kept)
-
     async def wait_connected(self, peer_id: str, *, connected: bool = True) -> None:
         """Return once ``peer_id`` is connected (or, with ``connected=False``, is not)."""
         await self.changes.wait_until(lambda: self.is_connected(peer_id) == connected)
