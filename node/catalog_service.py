@@ -42,6 +42,7 @@ from typing import NoReturn, Protocol, TypeVar
 import trio
 
 from node.acl import StoreAccess
+from node.exc_groups import first_leaf, only
 from node.limits import LimitExceeded, Limits
 from node.p2p import P2PHost, Stream
 from node.versions import VersionBook
@@ -289,10 +290,10 @@ class CatalogServer:
         try:
             await _ServedStream(self, stream).run()
         except Exception as exc:
-            if _only(exc, _BROKEN):
-                log.info("catalog stream from %s broke: %s", peer, _first(exc))
+            if only(exc, _BROKEN):
+                log.info("catalog stream from %s broke: %s", peer, first_leaf(exc))
             else:
-                log.error("catalog stream from %s failed: %r", peer, _first(exc))
+                log.error("catalog stream from %s failed: %r", peer, first_leaf(exc))
             await stream.reset()
         finally:
             self._open_streams[peer] -= 1
@@ -868,16 +869,3 @@ def _subject(request: Request) -> str:
         case GetChunks(digest=digest):
             return digest
     return "?"
-
-
-def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``exc`` is, or is a group of nothing but, ``types``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(types)[1] is None
-    return isinstance(exc, types)
-
-
-def _first(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -21,6 +21,7 @@ from functools import partial
 
 import trio
 
+from node.exc_groups import first_leaf, only
 from node.p2p import P2PError, P2PHost, Stream
 from node.peerscore import PeerScores
 from protocols.blocks import (
@@ -413,9 +414,9 @@ class FetchSession:
                             await link.reader_done.wait()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
-            if not _only(exc, _PEER_ERRORS):
+            if not only(exc, _PEER_ERRORS):
                 raise
-            reason = _first(exc)
+            reason = first_leaf(exc)
             log.info("blob %s: dropped peer %s: %s", self.digest, peer.peer_id, reason)
             self.dropped.add(peer.peer_id)
             if isinstance(reason, RemoteProtocolError):
@@ -800,16 +801,3 @@ class FetchSession:
         if others or peer.timeouts[unit] >= MAX_TIMEOUTS_PER_CHUNK:
             self._lose(peer, unit)
         self._requeue(unit, peer)
-
-
-def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``exc`` is, or is a group of nothing but, ``types``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(types)[1] is None
-    return isinstance(exc, types)
-
-
-def _first(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -41,6 +41,7 @@ from typing import TypeVar
 import trio
 
 from node.acl import StoreAccess
+from node.exc_groups import first_leaf, only
 from node.limits import LimitExceeded, Limits
 from node.live_chunks import LiveChunks
 from node.p2p import Stream
@@ -177,10 +178,10 @@ class BlockProvider:
         try:
             await served.run()
         except Exception as exc:
-            if _only(exc, _BROKEN):
-                log.info("blocks stream from %s broke: %s", peer, _first(exc))
+            if only(exc, _BROKEN):
+                log.info("blocks stream from %s broke: %s", peer, first_leaf(exc))
             else:
-                log.error("blocks stream from %s failed: %r", peer, _first(exc))
+                log.error("blocks stream from %s failed: %r", peer, first_leaf(exc))
             await stream.reset()
         finally:
             slots.streams -= 1
@@ -545,16 +546,3 @@ class _ServedStream:
                     await self.stream.send_eof()
             except trio.TooSlowError:
                 raise trio.BrokenResourceError(f"{self.peer} stopped reading") from None
-
-
-def _only(exc: BaseException, types: tuple[type[BaseException], ...]) -> bool:
-    """Whether ``exc`` is, or is a group of nothing but, ``types``."""
-    if isinstance(exc, BaseExceptionGroup):
-        return exc.split(types)[1] is None
-    return isinstance(exc, types)
-
-
-def _first(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc
