@@ -91,6 +91,11 @@ Found later, in Yamux over Noise:
     ``continuously_read_stream`` start a task in its closed nursery; the RuntimeError
     escapes the stream handler into the connection and out of ``open_host``, so a node
     stopping while gossip arrives crashed. `guard_pubsub_streams` ends such a stream.
+24. ``BasicHost.get_addrs`` reads the address of every listener's socket, and
+    ``TCPListener.close`` closes the sockets before it forgets them: an identify request
+    answered while the host stops its listeners raised ``OSError`` (bad file descriptor)
+    out of the stream handler and crashed the host. `P2PHost` takes the listeners out of
+    the swarm's table before it closes them.
 """
 
 from __future__ import annotations
@@ -836,7 +841,10 @@ class P2PHost:
         # Stop accepting first: a peer that dials in while we close would otherwise get a
         # connection nobody closes, and keep it until this process exits (the churn
         # soak's lingering connection). Cancelling the listener also ends upgrades under way.
-        for listener in list(self._swarm.listeners.values()):
+        # Defect 24: out of the swarm's table before they close, so nobody reads their sockets.
+        listeners = list(self._swarm.listeners.values())
+        self._swarm.listeners.clear()
+        for listener in listeners:
             try:
                 await listener.close()
             except Exception as exc:  # the library raises what it likes; closing goes on

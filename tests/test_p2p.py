@@ -208,6 +208,29 @@ async def test_a_pubsub_stream_after_pubsub_stopped_is_ended_not_a_crash() -> No
             assert a.is_connected(b.peer_id)
 
 
+async def test_the_hosts_addresses_read_while_its_listeners_close() -> None:
+    """Defect 24: ``get_addrs`` (identify answers with it) read the sockets of listeners
+    being closed and raised OSError (bad file descriptor), which crashed a stopping host.
+    Read at every checkpoint of the close, it now answers each time."""
+    with trio.fail_after(10):
+        async with hosts(1) as (host,):
+            closed = trio.Event()
+            reads = 0
+
+            async def close() -> None:
+                await host._close_connections()
+                closed.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(close)
+                while not closed.is_set():
+                    host.host.get_addrs()
+                    reads += 1
+                    await trio.lowlevel.checkpoint()
+            assert reads > 1
+            assert host.host.get_addrs() == []
+
+
 async def test_listener_accepts_after_400_connections() -> None:
     """Defect 3: the inbound cap (250) counted every connection ever accepted.
 
