@@ -2,8 +2,9 @@
 
 ``open_node(config)`` yields a running ``Node``; leaving the block shuts everything down.
 The node provides every model in its store when it starts, publishes signed version
-records (DHT values and gossip), keeps reconnecting to its bootstrap peers, and answers
-``find`` by asking the providers of the glob's index key for their matching models.
+records (DHT values and gossip), dials its bootstrap peers whenever it is short of
+connections (node/bootstrap.py), and answers ``find`` by asking the providers of the
+glob's index key for their matching models.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from node.announce import Announcer
 from node.api import build_router
 from node.audit import AuditLog
 from node.blob_fetches import BlobFetches
+from node.bootstrap import Bootstrapper
 from node.catalog_service import (
     CATALOG_PROTOCOL,
     CatalogServer,
@@ -41,7 +43,7 @@ from node.live_chunks import LiveChunks
 from node.local import open_store
 from node.mdns import MdnsDiscovery
 from node.metrics import PerformanceMonitor
-from node.p2p import P2PError, P2PHost, open_host
+from node.p2p import P2PHost, open_host
 from node.peerscore import PeerScores
 from node.provider import BLOCKS_PROTOCOL, BlockProvider
 from node.pull import Emit, PullError, pull_model
@@ -56,9 +58,6 @@ from storage.names import ModelName, parse_model_name
 from storage.store import ModelStore
 
 log = logging.getLogger("dmm.node")
-
-BOOTSTRAP_BACKOFF_MAX = 60.0
-BOOTSTRAP_CHECK_INTERVAL = 10.0
 
 
 def model_key(name: ModelName) -> str:
@@ -134,6 +133,9 @@ class Node:
         self.book = VersionBook(store.db, identity, self.acl)
         self.book.on_change = self.changes.notify
         self.dht = Dht(host, acl=self.acl, on_rejected=self._dht_record_rejected)
+        self.bootstrap = Bootstrapper(
+            host, self.dht, config.network.bootstrap, self._on_bootstrap_peer
+        )
         self.announcer = Announcer(
             host, self._on_announcement, acl=self.acl, on_rejected=self._gossip_record_rejected
         )
@@ -197,8 +199,7 @@ class Node:
             self.api_urls = await nursery.start(
                 functools.partial(serve_http, router, api.host, api.port, shutdown=self.shutdown)
             )
-            for addr in self.config.network.bootstrap:
-                nursery.start_soon(self._keep_connected, addr)
+            nursery.start_soon(self.bootstrap.run)
             if self.config.network.mdns:
                 await nursery.start(MdnsDiscovery(self.host, self._on_lan_peer).run)
             nursery.start_soon(self._publish_store_at_start)
@@ -215,33 +216,8 @@ class Node:
             await self.shutdown.wait()
             nursery.cancel_scope.cancel()
 
-    async def _keep_connected(self, addr: str) -> None:
-        """Dial a bootstrap peer, and again whenever the connection is lost, with backoff."""
-        peer = addr.rsplit("/p2p/", 1)[-1]
-        delay = 1.0
-        while True:
-            if peer not in self.host.connected_peers():
-                try:
-                    with trio.fail_after(10):
-                        await self.host.connect(addr)
-                    await self.dht.add_peer(peer)
-                    await self.dht.refresh()
-                    log.info("connected to bootstrap peer %s", peer)
-                    self.activity.event("peer", "connected (bootstrap)", peer=peer)
-                    delay = 1.0
-                except (
-                    OSError,
-                    trio.TooSlowError,
-                    P2PError,
-                    trio.BrokenResourceError,
-                ) as exc:  # dial errors vary
-                    log.info(
-                        "bootstrap peer %s unreachable (%s); retrying in %.0fs", peer, exc, delay
-                    )
-                    await trio.sleep(delay)
-                    delay = min(delay * 2, BOOTSTRAP_BACKOFF_MAX)
-                    continue
-            await trio.sleep(BOOTSTRAP_CHECK_INTERVAL)
+    def _on_bootstrap_peer(self, peer: str) -> None:
+        self.activity.event("peer", "connected (bootstrap)", peer=peer)
 
     async def _on_lan_peer(self, peer_id: str, addrs: list[str]) -> None:
         await self.dht.add_peer(peer_id)

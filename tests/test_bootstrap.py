@@ -1,0 +1,71 @@
+"""Tests for node/bootstrap.py: real nodes on loopback joining through bootstrap peers."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+import trio
+
+import node.bootstrap
+from node.config import Config, load_config
+from node.daemon import open_node
+from node.testing import node_config
+
+
+def _fixed_port_config(root: Path, name: str) -> Config:
+    """A node config listening on a fixed free port, so a restart keeps its address."""
+    config = node_config(root, name)
+    assert config.path is not None
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config.path.write_text(config.path.read_text().replace("/tcp/0", f"/tcp/{port}"))
+    return load_config(config.path)
+
+
+async def test_a_bootstrap_peer_that_comes_up_late_is_reached(tmp_path: Path) -> None:
+    seed_config = _fixed_port_config(tmp_path, "seed")
+    with trio.fail_after(30):
+        async with open_node(seed_config) as seed:
+            seed_addr, seed_id = seed.host.listen_addrs[0], seed.peer_id
+        async with open_node(node_config(tmp_path, "b", [seed_addr])) as b:
+            await b.wait_until(lambda: b.bootstrap.failed_dials >= 1)
+            # Backing off: the next dial waits for its time, not for the next change.
+            assert b.bootstrap.due() == []
+            async with open_node(seed_config) as seed:
+                assert seed.peer_id == seed_id
+                await b.wait_until(lambda: b.bootstrap.connects == 1)
+                assert b.host.is_connected(seed_id)
+                assert seed_id in b.dht.routing_table_peers()
+
+
+async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed prunes the connections of nodes that bootstrapped from it; a node with
+    other peers must not dial straight back (at 100 nodes that storm kept newcomers
+    out), while one left alone must."""
+    monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "seed")) as seed,
+            open_node(node_config(tmp_path, "other")) as other,
+            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+        ):
+            # Only the bootstrapper may dial here, not py-libp2p's auto-connector.
+            b.host._swarm.auto_connector._started = False
+            await b.wait_until(lambda: b.bootstrap.connects == 1)
+            await b.host.connect(other.host.listen_addrs[0])
+
+            await seed.host.disconnect(b.peer_id)
+            await b.host.wait_connected(seed.peer_id, connected=False)
+            assert b.host.connected_peers() == [other.peer_id]
+            assert b.bootstrap.due() == []  # one peer is enough here
+
+            await b.host.disconnect(other.peer_id)
+            await b.host.wait_connected(other.peer_id, connected=False)
+            assert [s.peer for s in b.bootstrap.due()] == [seed.peer_id]
+            await b.wait_until(lambda: b.bootstrap.connects == 2)
+            assert b.host.is_connected(seed.peer_id)
