@@ -15,6 +15,7 @@ under ``<tag>-conflict-<12 hex>``. ``manual`` leaves the model as it is until
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ from protocols.dag import (
 )
 from protocols.errors import ProtocolError
 from protocols.records import VersionRecord
+from storage.manifest import Manifest
 from storage.names import InvalidName, ModelName, parse_model_name
 from storage.store import StoreError
 
@@ -54,6 +56,14 @@ FIRST_PASS_DELAY = 10.0
 
 class SyncError(RuntimeError):
     """A sync or resolve request that cannot be done; the message says why, in one line."""
+
+
+class LocalChange(Exception):
+    """The name's manifest changed here (an add, a pull, a create) while a sync worked."""
+
+
+# `switch(replacing=ANY_MANIFEST)`: write whatever the name points at now.
+ANY_MANIFEST = "*"
 
 
 @dataclass(slots=True)
@@ -331,9 +341,25 @@ class SyncManager:
             target = None if policy.conflict_strategy == "manual" else resolution.winner
         fetched = 0
         changed = False
+        if before is not None and all(r.manifest_digest != before for r in dag.records()):
+            # Added, pulled or created here and not recorded yet (the adder records it
+            # next, as the newest version): never overwrite that with an older version.
+            log.info(
+                "model %s: local manifest %s has no version record yet; sync leaves it",
+                name.display,
+                before[:19],
+            )
+            target = None
         if target is not None and target.manifest_digest != before:
-            fetched += await self.switch(name, target.manifest_digest, peers, kind)
-            changed = True
+            try:
+                fetched += await self.switch(
+                    name, target.manifest_digest, peers, kind, replacing=before
+                )
+            except LocalChange as exc:
+                log.info("model %s: %s; sync leaves it", name.display, exc)
+                target = None
+            else:
+                changed = True
             log.info(
                 "model %s now at version %s (%s), %d bytes fetched",
                 name.display,
@@ -367,11 +393,21 @@ class SyncManager:
             "bytes_fetched": fetched,
         }
 
-    async def switch(self, name: ModelName, digest: str, peers: list[str], kind: str) -> int:
+    async def switch(
+        self,
+        name: ModelName,
+        digest: str,
+        peers: list[str],
+        kind: str,
+        *,
+        replacing: str | None = ANY_MANIFEST,
+    ) -> int:
         """Point ``name`` at manifest ``digest``, fetching what the store lacks.
 
         The peers at hand are tried first; the DHT is asked for more holders only when they
         cannot supply it (a lookup costs seconds on a big or half-connected network).
+        With ``replacing`` (the manifest digest the name pointed at when the sync decided,
+        or None for none), raises `LocalChange` instead of writing if it points elsewhere now.
         """
         reuse = kind == "delta"
         # A sync is a pull the node starts itself: the same hooks may refuse it or follow it.
@@ -389,7 +425,8 @@ class SyncManager:
                 raw, manifest, fetched = await fetch_version_data(
                     self.node, name, digest, [*peers, *more], reuse_local=reuse
                 )
-            await trio.to_thread.run_sync(write_model, self.node, name, raw, manifest)
+            write = functools.partial(self._write_unless_changed, name, raw, manifest, replacing)
+            await trio.to_thread.run_sync(write)
         except PullError as exc:
             await hooks.fire(
                 "post-pull", name.display, status="error", error=str(exc), source="sync"
@@ -404,6 +441,16 @@ class SyncManager:
             source="sync",
         )
         return fetched
+
+    def _write_unless_changed(
+        self, name: ModelName, raw: bytes, manifest: Manifest, replacing: str | None
+    ) -> None:
+        if replacing != ANY_MANIFEST:
+            current = self.node.store.layout.read(name)
+            now = current.digest if current is not None else None
+            if now != replacing:
+                raise LocalChange(f"its manifest changed to {str(now)[:19]} meanwhile")
+        write_model(self.node, name, raw, manifest)
 
     async def _sign_merge(
         self, name: ModelName, resolution: Resolution, winner: VersionRecord
@@ -557,7 +604,10 @@ class SyncManager:
             return self.node.book.record_local(result.name, result.digest, result.size)
 
         try:
-            record = await trio.to_thread.run_sync(add)
+            # Under the model's sync lock: a sync pass between the store's write and the
+            # record would see a manifest no version names.
+            async with self._locks.setdefault(name.full, trio.Lock()):
+                record = await trio.to_thread.run_sync(add)
         except StoreError as exc:
             raise SyncError(str(exc)) from None
         await self.node.refresh()

@@ -16,7 +16,7 @@ import trio
 from node.changes import wait_until_any
 from node.daemon import Node, open_node
 from node.identity import Identity
-from node.sync import SyncError
+from node.sync import LocalChange, SyncError
 from node.testing import node_config, open_swarm
 from protocols.dag import VersionDag, conflict_tag
 from protocols.records import VersionRecord
@@ -121,6 +121,28 @@ async def test_full_sync_fetches_what_delta_would_copy(
         reused = b.store.db.deltas(name.full)[-1]
         assert reused.bytes_local >= 4 * MiB and reused.bytes_fetched < 4 * MiB
         assert b.store.get(name).raw == a.store.get(name).raw and b.store.verify(name.display).ok
+
+
+async def test_sync_never_reverts_a_local_change_not_yet_recorded(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A sync pass that ran between a local add's manifest write and its version record
+    saw the older head, switched the name back to it, and the new version was lost."""
+    extra = '[sync]\nfollow = ["shared*"]\nsync_interval = "1h"\n'
+    async with open_node(node_config(tmp_path, "a", (), extra)) as a:
+        v1 = await _add(a, make_model, NAME.display, 1)
+        newer = make_model("newer.gguf", size=MiB, seed=2)
+        # The add's first half, as a concurrent `dmm add` leaves it: no record yet.
+        added = await trio.to_thread.run_sync(a.store.add_model, NAME.full, newer)
+        assert added.digest != v1.manifest_digest
+        with trio.fail_after(30):
+            result = await a.sync.synchronize_model(NAME.display)
+        assert not result["changed"] and _held(a) == added.digest
+
+        # Once a sync has decided: the name no longer points where it did then.
+        with trio.fail_after(30), pytest.raises(LocalChange, match="changed"):
+            await a.sync.switch(NAME, added.digest, [], "delta", replacing=v1.manifest_digest)
+        assert _held(a) == added.digest
 
 
 @asynccontextmanager
