@@ -283,16 +283,19 @@ class Dht:
         """Re-provide every key now rather than at the next interval."""
         self._reprovide_requested.set()
 
-    async def find_providers(self, key: str, count: int = 20) -> list[ProviderInfo]:
+    async def find_providers(
+        self, key: str, count: int = 20, *, timeout: float = math.inf
+    ) -> list[ProviderInfo]:
         """Up to `count` other peers providing `key`, each once (we never list ourselves).
 
-        Their addresses are added to the peerstore, so ``P2PHost.open_stream`` can
-        dial them.
+        With a `timeout`, the lookup returns what it found by then (what this node's own
+        provider store knows at least) rather than nothing. Their addresses are added to
+        the peerstore, so ``P2PHost.open_stream`` can dial them.
         """
         if count < 1:
             raise ValueError("count must be at least 1")
         started = trio.current_time()
-        found = await self._kad.find_providers_of(provider_key_bytes(key), count)
+        found = await self._kad.find_providers_of(provider_key_bytes(key), count, timeout=timeout)
         self._timed("find_providers", started)
         providers = [self._remember(info) for info in found]
         log.debug(

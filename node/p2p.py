@@ -103,6 +103,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import logging
+import math
 import os
 import re
 import socket
@@ -1091,9 +1092,15 @@ class KadDht(KadDHT):
             if not records:
                 del store.providers[key]
 
-    async def find_providers_of(self, key: bytes, count: int = BUCKET_SIZE) -> list[PeerInfo]:
+    async def find_providers_of(
+        self, key: bytes, count: int = BUCKET_SIZE, *, timeout: float = math.inf
+    ) -> list[PeerInfo]:
         """Up to `count` other peers providing `key`, each once: the closest peers to the
-        key are asked even when the local store knows some already (defect 14)."""
+        key are asked even when the local store knows some already (defect 14).
+
+        After `timeout` seconds the lookup stops and returns the providers found so far
+        (the local store's first): one slow peer must not cost the answers of the rest.
+        """
         found: dict[ID, PeerInfo] = {}
 
         def add(providers: Iterable[PeerInfo]) -> None:
@@ -1111,9 +1118,10 @@ class KadDht(KadDHT):
             add(providers)
             return closer
 
-        # GET_PROVIDERS answers drop the closer peers' addresses: find them first.
-        seed = await self.peer_routing.find_closest_peers_network(key)
-        await self._walk(key, ask, lambda: len(found) >= count, seed)
+        with trio.move_on_after(timeout):
+            # GET_PROVIDERS answers drop the closer peers' addresses: find them first.
+            seed = await self.peer_routing.find_closest_peers_network(key)
+            await self._walk(key, ask, lambda: len(found) >= count, seed)
         return list(found.values())
 
     # ------------------------------------------------------------------- values

@@ -343,11 +343,13 @@ class ReplicationManager:
     async def _discover(self, view: ModelView) -> None:
         from node.daemon import model_key
 
-        found: set[str] = set()
-        # Lookups run once per enforcement round; a loaded DHT gets a few seconds.
-        with trio.move_on_after(max(self.config.health_check_timeout, 5.0)):
-            for info in await self.node.dht.find_providers(model_key(parse_model_name(view.name))):
-                found.add(info.peer_id)
+        # Lookups run once per enforcement round; a loaded DHT gets a few seconds, and
+        # what it found by then counts (a lookup cut short used to yield no holder at all).
+        providers = await self.node.dht.find_providers(
+            model_key(parse_model_name(view.name)),
+            timeout=max(self.config.health_check_timeout, 5.0),
+        )
+        found = {info.peer_id for info in providers}
         for peer in found - set(view.holders):
             view.holders[peer] = ReplicaState(peer)
         view.discovered_at = trio.current_time()

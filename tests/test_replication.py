@@ -16,9 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
 
 from node.changes import wait_until_any
-from node.daemon import Node, open_node
+from node.daemon import Node, model_key, open_node
+from node.p2p import KAD_PROTOCOL_ID, Stream, open_host
 from node.replication_policy import Policy, PolicyDefaults, parse_policy
 from node.testing import node_config
 from storage.names import parse_model_name
@@ -183,6 +185,46 @@ async def test_refusals_give_their_reason(tmp_path: Path, make_model: MakeModel)
         # The node is still up and answering after the refusals.
         async with httpx.AsyncClient(base_url=b.api_urls[0], timeout=10) as api:
             assert (await api.get("/api/health")).status_code == 200
+
+
+async def _never_answer(stream: Stream) -> None:
+    """A DHT peer that reads every request and answers none."""
+    while await stream.receive_some():
+        pass
+
+
+async def test_dht_holders_count_when_a_dht_peer_never_answers(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A holder lookup cut short by its deadline keeps the holders it found: one DHT peer
+    that never answers must not hide them all (with 20 peers on a loaded machine every
+    lookup ran past the deadline, and the node probed no holder at all)."""
+    async with _swarm(tmp_path, [_extra()] * 2) as (a, b):
+        await _add(a, make_model)
+        await _add(b, make_model)
+        key = model_key(parse_model_name(MODEL))
+        with trio.fail_after(30):
+            assert [p.peer_id for p in await a.dht.find_providers(key)] == [b.peer_id]
+        # Gossip names b too: leave it out, so that only the DHT can.
+        a.gossip_holders = dict  # type: ignore[method-assign]
+        async with open_host(create_new_key_pair(), ["/ip4/127.0.0.1/tcp/0"]) as silent:
+            silent.set_stream_handler(KAD_PROTOCOL_ID, _never_answer)
+            with trio.fail_after(10):
+                await a.host.connect(silent.listen_addrs[0])
+            # One copy is enough and the factor is 1: nothing is asked of b, so b can
+            # only enter a's view through discovery.
+            policy = {"glob": "replicated*", "min_replicas": 1, "replication_factor": 1}
+            await a.replication.set_replication_policy(parse_policy(policy, PolicyDefaults()))
+
+            def b_healthy() -> bool:
+                try:
+                    replicas = a.replication.get_replicas(MODEL)["replicas"]
+                except KeyError:  # no round yet
+                    return False
+                return any(r["peer_id"] == b.peer_id and r["health"] == "healthy" for r in replicas)
+
+            with trio.fail_after(30):
+                await a.wait_until(b_healthy)
 
 
 @pytest.mark.slow
