@@ -486,9 +486,9 @@ class Node:
         started = time.monotonic()
         entries: dict[tuple[str, str], FindEntry] = {}
         providers: set[str] = {self.peer_id}
-        with trio.move_on_after(timeout / 2):
-            for info in await self.dht.find_providers(index_key_for_glob(glob)):
-                providers.add(info.peer_id)
+        # A lookup cut short still yields what it found (`find_providers(timeout=)`).
+        for info in await self.dht.find_providers(index_key_for_glob(glob), timeout=timeout / 2):
+            providers.add(info.peer_id)
         for (_, vid), holders in self._gossip.items():
             record = self._gossip_records[vid]
             if glob_matches(glob, f"{display_name(record.model)}:{record.tag}"):

@@ -81,9 +81,8 @@ async def find_holders(node: Node, name: ModelName) -> list[str]:
     from node.daemon import model_key
 
     found: dict[str, None] = {}
-    with trio.move_on_after(10):
-        for info in await node.dht.find_providers(model_key(name)):
-            found[info.peer_id] = None
+    for info in await node.dht.find_providers(model_key(name), timeout=10):
+        found[info.peer_id] = None
     for (full, _), holders in node.gossip_holders().items():
         if full == name.full:
             found.update(dict.fromkeys(holders))
@@ -364,9 +363,9 @@ async def _fetch_layer(
     key = blob_key(layer.digest)
 
     async def discover() -> list[str]:
-        with trio.move_on_after(DHT_STEP_TIMEOUT):
-            return [info.peer_id for info in await node.dht.find_providers(key)]
-        return []
+        return [
+            info.peer_id for info in await node.dht.find_providers(key, timeout=DHT_STEP_TIMEOUT)
+        ]
 
     async def provide() -> None:
         # Others fetching this blob find us, and the chunks we hold so far, this way.
@@ -426,10 +425,9 @@ async def _blob_sources(node: Node, digest: str) -> list[str]:
     from node.daemon import blob_key
 
     sources: dict[str, None] = {}
-    with trio.move_on_after(10):
-        for info in await node.dht.find_providers(blob_key(digest)):
-            if info.peer_id != node.peer_id:
-                sources[info.peer_id] = None
+    for info in await node.dht.find_providers(blob_key(digest), timeout=10):
+        if info.peer_id != node.peer_id:
+            sources[info.peer_id] = None
     return list(sources)
 
 

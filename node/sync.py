@@ -277,9 +277,8 @@ class SyncManager:
         from node.daemon import model_key
 
         found: dict[str, None] = {}
-        with trio.move_on_after(10):
-            for info in await self.node.dht.find_providers(model_key(name)):
-                found[info.peer_id] = None
+        for info in await self.node.dht.find_providers(model_key(name), timeout=10):
+            found[info.peer_id] = None
         for (full, _), peers in self.node.gossip_holders().items():
             if full == name.full:
                 found.update(dict.fromkeys(peers))
