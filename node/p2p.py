@@ -81,9 +81,14 @@ Found later, in Yamux over Noise:
 21. The swarm's auto-connector dials peers from the peerstore until it holds the midpoint
     of the low and high watermarks (100 and 300 by default: 200 connections), so every
     node of a swarm under 200 connects to every other. Each connection pings and sweeps
-    every 30 s at both ends; 100 nodes in one process spent most of a core on that. A
-    LAN node needs far fewer: it keeps about 40 (low 16, high 64; idle ones above 64 are
-    pruned, ones carrying streams never are), and dials others when it has work for them.
+    every 30 s at both ends; 100 nodes in one process spent most of a core on that. With
+    a lower target it fought the pruner instead: nodes pruned down to the low watermark
+    dialed back up to the target, and a 200-node swarm spent its core on handshakes.
+    go-libp2p has no such dialer (its connection manager only trims), and a dmm node
+    dials when it has work (lookups, fetches) and when it is short of peers
+    (node/bootstrap.py): `_Swarm` runs no auto-connector, and idle connections above
+    the high watermark (64) are pruned down to the low one (48); ones carrying streams
+    never are.
 22. Yamux pings every connection every 30 s, from both ends, to estimate an RTT nothing
     reads: at 100 nodes in one process, sending and answering those pings took ~40 % of
     the core. `_Yamux` sends none (it still answers a peer's).
@@ -144,6 +149,7 @@ from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Record
 from libp2p.kad_dht.provider_store import PROVIDER_RECORD_EXPIRATION_INTERVAL
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.connection.raw_connection import RawConnection
@@ -208,11 +214,11 @@ __all__ = [
 log = logging.getLogger("dmm.p2p")
 
 # Defect 2: one connection per peer, so a dial returns as soon as it has one. Defect 21:
-# the auto-connector aims at (low + high) / 2 = 40 connections. max_connections stays at
-# the library's 300: with defect 3 it also sizes the inbound slots (max - min), and a
-# bootstrap seed must take every newcomer's first connection.
+# idle connections above 64 are pruned to 48, and nothing dials to make up a number.
+# max_connections stays at the library's 300: with defect 3 it also sizes the inbound
+# slots (max - min), and a bootstrap seed must take every newcomer's first connection.
 CONNECTION_CONFIG = ConnectionConfig(
-    max_connections_per_peer=1, min_connections=16, low_watermark=16, high_watermark=64
+    max_connections_per_peer=1, min_connections=4, low_watermark=48, high_watermark=64
 )
 
 # Defect 20: a frame write that has begun may ignore cancellation for this long; past
@@ -455,8 +461,19 @@ class _Noise(NoiseTransport):
         return secure_conn
 
 
+class _NoAutoConnector(AutoConnector):
+    """Defect 21: dials nobody to make up a connection count."""
+
+    async def run_background_task(self, nursery: trio.Nursery) -> None:
+        return
+
+    async def maybe_connect(self) -> None:
+        return
+
+
 class _Swarm(Swarm):
-    """The library's swarm with its inbound slot returned when a connection closes."""
+    """The library's swarm with its inbound slot returned when a connection closes, and
+    no auto-connector."""
 
     def __init__(
         self,
@@ -472,6 +489,9 @@ class _Swarm(Swarm):
         )
         self._allowlist = allowlist
         self._on_refused = on_refused
+        self.auto_connector = _NoAutoConnector(
+            swarm=self, auto_connect_interval=CONNECTION_CONFIG.auto_connect_interval
+        )
 
     async def _do_handle_inbound_connection(
         self, read_write_closer: ReadWriteCloser, maddr: Multiaddr, failure_event: Any

@@ -54,8 +54,6 @@ async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
             open_node(node_config(tmp_path, "other")) as other,
             open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
         ):
-            # Only the bootstrapper may dial here, not py-libp2p's auto-connector.
-            b.host._swarm.auto_connector._started = False
             await b.wait_until(lambda: b.bootstrap.connects == 1)
             await b.host.connect(other.host.listen_addrs[0])
 

@@ -161,16 +161,22 @@ async def test_one_connection_per_peer() -> None:
             assert len(b.host.get_network().get_connections()) == 1
 
 
-async def test_auto_connect_aims_at_tens_of_connections_not_every_peer() -> None:
-    """Defect 21: the auto-connector dials until (low + high watermark) / 2; the library's
-    100 and 300 make every swarm under 200 nodes a full mesh. Pins the configuration: the
-    target, and inbound slots (defect 3) still enough for a seed that everyone dials."""
+async def test_no_peer_is_dialed_to_make_up_a_connection_count() -> None:
+    """Defect 21: the library's auto-connector dialed peerstore peers up to (low + high
+    watermark) / 2 connections, and fought the pruner. A host that knows a peer's address
+    and holds no connection dials nobody when the auto-connector's turn comes."""
     with trio.fail_after(10):
-        async with hosts(1) as (a,):
-            config = swarm_of(a).connection_config
-            assert (config.low_watermark + config.high_watermark) // 2 == 40
-            assert config.min_connections <= config.low_watermark
-            assert config.max_connections - config.min_connections >= 250
+        async with hosts(2) as (a, b):
+            swarm = swarm_of(a)
+            swarm.peerstore.add_addrs(
+                ID.from_base58(b.peer_id), [Multiaddr(b.listen_addrs[0])], 3600
+            )
+            assert swarm.get_total_connections() < swarm.connection_config.min_connections
+            await swarm.auto_connector.maybe_connect()
+            assert not a.is_connected(b.peer_id)
+            config = swarm.connection_config
+            assert config.low_watermark < config.high_watermark  # idle ones above are pruned
+            assert config.max_connections - config.min_connections >= 250  # defect 3's slots
 
 
 async def test_connections_send_no_rtt_pings() -> None:
