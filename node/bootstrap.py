@@ -47,6 +47,8 @@ class Bootstrapper:
 
     ``on_connected(peer)`` is called after each successful bootstrap dial; ``connects``
     and ``failed_dials`` count the dials, and the host's ``changes`` hear of each.
+    ``joined`` is set once a bootstrap peer was reached and the routing-table refresh
+    that followed is over: the node has found what part of the swarm it could.
     """
 
     def __init__(
@@ -62,6 +64,7 @@ class Bootstrapper:
         self._on_connected = on_connected
         self.connects = 0
         self.failed_dials = 0
+        self.joined = trio.Event()
 
     def short_of_peers(self) -> bool:
         return len(self._host.connected_peers()) < MIN_PEERS
@@ -95,6 +98,7 @@ class Bootstrapper:
         if connected:
             # One refresh for the round: it is what finds the rest of the swarm.
             await self._dht.refresh()
+            self.joined.set()
 
     async def _dial_one(self, seed: _Seed, connected: list[str]) -> None:
         try:

@@ -39,6 +39,7 @@ async def test_a_bootstrap_peer_that_comes_up_late_is_reached(tmp_path: Path) ->
                 await b.wait_until(lambda: b.bootstrap.connects == 1)
                 assert b.host.is_connected(seed_id)
                 assert seed_id in b.dht.routing_table_peers()
+                await b.bootstrap.joined.wait()
 
 
 async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
@@ -55,6 +56,7 @@ async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
             open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
         ):
             await b.wait_until(lambda: b.bootstrap.connects == 1)
+            await b.bootstrap.joined.wait()
             await b.host.connect(other.host.listen_addrs[0])
 
             await seed.host.disconnect(b.peer_id)
