@@ -97,7 +97,10 @@ class Bootstrapper:
                 nursery.start_soon(self._dial_one, seed, connected)
         if connected:
             # One refresh for the round: it is what finds the rest of the swarm.
-            await self._dht.refresh()
+            try:
+                await self._dht.refresh()
+            except Exception as exc:  # the library's lookups raise what they like
+                log.info("routing table refresh after bootstrap failed: %r", exc)
             self.joined.set()
 
     async def _dial_one(self, seed: _Seed, connected: list[str]) -> None:
