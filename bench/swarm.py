@@ -7,7 +7,8 @@ pullers, each a real ``dmm node start`` process. Two ways of getting one model t
   (``python -m http.server``) and the N pullers download it at once with curl, the way N
   machines pull from one registry. The holder's link carries N copies, so this takes
   about N times one download. One download alone is measured too.
-- swarm: the N pullers run ``dmm pull`` at once; they find each other mid-fetch and
+- swarm: the N pullers' nodes are asked to pull at once, through their Ollama API
+  (``POST /api/pull``, as ``ollama pull`` asks); they find each other mid-fetch and
   trade chunks.
 
 Figures, for each N: time until all N have the model (against the registry's time), the
@@ -170,7 +171,12 @@ def _one_size(pullers: int, size: int, rate: str, work: Path) -> list[Figure]:
             _wait_api(lab, h, "/api/status", re.compile(r'"peers":[1-9]'), deadline)
         progress(f"swarm N={pullers}: {pullers} nodes pull at once")
         sent = lab.tx_bytes(0)
-        pulls = {h: _dmm("pull", MODEL, "--config", str(configs[h])) for h in range(1, hosts)}
+        # Through each node's Ollama API, as `OLLAMA_HOST=<node> ollama pull` does: the
+        # figure is the swarm's, not 16 Python CLI start-ups on two cores.
+        pull = ["curl", "-sf", "--max-time", "900", "-X", "POST", "-d",
+                f'{{"model": "{MODEL}", "stream": false}}',
+                f"http://127.0.0.1:{API_PORT}/api/pull"]  # fmt: skip
+        pulls = dict.fromkeys(range(1, hosts), pull)
         swarm = _all_at_once(lab, range(1, hosts), pulls, ROOT)
         upload = (lab.tx_bytes(0) - sent) / size
         for h in range(1, hosts):
