@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import trio
 from libp2p.abc import ISubscriptionAPI
 from libp2p.peer.id import ID
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
@@ -48,7 +48,7 @@ from protocols.records import (
     VersionRecord,
 )
 
-from .p2p import P2PHost, guard_pubsub_streams
+from .p2p import DmmGossipSub, P2PHost, guard_pubsub_streams
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -145,7 +145,7 @@ class Announcer:
     # ------------------------------------------------------------------ service
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        router = GossipSub(
+        router = DmmGossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
             degree=6,
             degree_low=4,

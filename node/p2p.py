@@ -101,10 +101,16 @@ Found later, in Yamux over Noise:
     answered while the host stops its listeners raised ``OSError`` (bad file descriptor)
     out of the stream handler and crashed the host. `P2PHost` takes the listeners out of
     the swarm's table before it closes them.
+25. ``GossipSub.mesh_heartbeat`` prunes mesh peers over ``degree_high`` without a backoff
+    on its own side, while the pruned peer keeps one; a later heartbeat short of
+    ``degree_low`` grafts the same peer again within it, the peer takes that GRAFT for a
+    flood and prunes back, and mesh links flap (the "GRAFT flood detected" warnings of
+    every swarm over a dozen nodes). `DmmGossipSub` backs off from the peers it prunes.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import logging
@@ -160,6 +166,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
+from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.rcmgr import new_resource_manager
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.exceptions import HandshakeFailure
@@ -198,6 +205,7 @@ __all__ = [
     "YAMUX_PROTOCOL_ID",
     "ConnectionGate",
     "DialError",
+    "DmmGossipSub",
     "KadDht",
     "OnRefused",
     "P2PError",
@@ -943,7 +951,21 @@ async def open_host(
 _CLOSE_PASSES = 3
 
 
-# --- Pubsub (defect 23) ------------------------------------------------------------
+# --- Pubsub (defects 23 and 25) -----------------------------------------------------
+
+
+_PeerTopics = collections.defaultdict[ID, list[str]]
+
+
+class DmmGossipSub(GossipSub):
+    """GossipSub that backs off from the mesh peers its heartbeat prunes (defect 25)."""
+
+    def mesh_heartbeat(self) -> tuple[_PeerTopics, _PeerTopics]:
+        to_graft, to_prune = super().mesh_heartbeat()
+        for peer, topics in to_prune.items():
+            for topic in topics:
+                self._add_back_off(peer, topic, False)
+        return to_graft, to_prune
 
 
 def guard_pubsub_streams(

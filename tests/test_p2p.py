@@ -24,6 +24,8 @@ from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
@@ -38,6 +40,7 @@ from node.p2p import (
     KAD_PROTOCOL_ID,
     NOISE_PROTOCOL_ID,
     DialError,
+    DmmGossipSub,
     KadDht,
     P2PHost,
     Stream,
@@ -212,6 +215,47 @@ async def test_a_pubsub_stream_after_pubsub_stopped_is_ended_not_a_crash() -> No
             with pytest.raises(trio.BrokenResourceError):
                 await read_all(stream)  # reset, not a clean end
             assert a.is_connected(b.peer_id)
+
+
+async def test_gossip_backs_off_from_the_mesh_peers_its_heartbeat_prunes() -> None:
+    """Defect 25: the heartbeat pruned mesh peers over degree_high with no backoff of its
+    own, so it grafted them again while they still backed off from it, and they took the
+    GRAFT for a flood. Three leaves graft one centre whose mesh holds one peer: the peers
+    its heartbeat prunes are backed off from at once."""
+    topic = "dmm/test-mesh/1"
+    checked: list[dict[ID, bool]] = []
+    pruned = trio.Event()
+    with trio.fail_after(20):
+        async with hosts(4) as (centre, *leaves), AsyncExitStack() as stack:
+            routers = []
+            for host in (centre, *leaves):
+                router = DmmGossipSub(
+                    protocols=[PROTOCOL_ID_V11],
+                    degree=1,
+                    degree_low=1,
+                    degree_high=1,
+                    heartbeat_interval=0.2,  # type: ignore[arg-type]
+                )
+                pubsub = Pubsub(host.host, router)
+                await stack.enter_async_context(background_trio_service(pubsub))
+                await stack.enter_async_context(background_trio_service(router))
+                await pubsub.wait_until_ready()
+                await pubsub.subscribe(topic)
+                routers.append(router)
+            heartbeat = routers[0].mesh_heartbeat
+
+            def watched() -> tuple[Any, Any]:
+                to_graft, to_prune = heartbeat()
+                if to_prune:
+                    checked.append({p: routers[0]._check_back_off(p, topic) for p in to_prune})
+                    pruned.set()
+                return to_graft, to_prune
+
+            routers[0].mesh_heartbeat = watched  # type: ignore[method-assign]
+            for leaf in leaves:
+                await leaf.connect(centre.listen_addrs[0])
+            await pruned.wait()
+    assert checked and all(all(backed_off.values()) for backed_off in checked)
 
 
 async def test_the_hosts_addresses_read_while_its_listeners_close() -> None:
