@@ -75,7 +75,7 @@ def format_table(figures: Sequence[Figure]) -> str:
         )
         for f in figures
     ]
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(COLUMNS)]
+    widths = [max([len(c), *(len(r[i]) for r in rows)]) for i, c in enumerate(COLUMNS)]
     # Numbers right-aligned so their magnitudes line up; text left-aligned.
     numeric = {2, 5, 6}
 

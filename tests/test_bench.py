@@ -204,3 +204,21 @@ def test_a_failing_benchmark_is_reported_and_the_others_still_print(
     assert "zz-fine" in printed.out and "0.500" in printed.out
     assert "failed: aa-broken" in printed.out
     assert [f["bench"] for f in json.loads(out.read_text())["figures"]] == ["zz-fine"]
+
+
+def test_a_run_whose_only_benchmark_fails_still_prints_its_table(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no figure at all, the table used to crash on its column widths."""
+    import bench
+    from bench.__main__ import main
+
+    def broken(quick: bool) -> list[bench.Figure]:
+        raise RuntimeError("the lab is on fire")
+
+    known = {"aa-broken": bench.Benchmark("aa-broken", broken, "fails")}
+    monkeypatch.setattr("bench.__main__.discover", lambda: known)
+    assert main([]) == 1
+    printed = capsys.readouterr()
+    assert "aa-broken failed" in printed.err and "the lab is on fire" in printed.err
+    assert printed.out.startswith("bench  figure") and "failed: aa-broken" in printed.out
