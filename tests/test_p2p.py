@@ -37,6 +37,7 @@ from multiaddr import Multiaddr
 from node.p2p import (
     COALESCE_BYTES,
     KAD_ADD_PROVIDER_LIMIT,
+    KAD_INBOUND_STREAMS_PER_PEER,
     KAD_PROTOCOL_ID,
     NOISE_PROTOCOL_ID,
     DialError,
@@ -793,6 +794,35 @@ async def test_long_value_keys_reach_the_closest_peers() -> None:
                 await a[1].get_newest_value("/t/" + "k" * 126)
             with pytest.raises(ValueError, match=r"1\.\.80"):
                 await a[1].provide_key(b"k" * 81)
+
+
+async def test_idle_dht_streams_of_other_peers_do_not_turn_a_lookup_away() -> None:
+    """Defect 26: a node served 12 DHT streams at once, counting ones open but idle, and
+    reset the rest; the asker dropped it from its table and learned no one through it.
+    One peer still holds at most KAD_INBOUND_STREAMS_PER_PEER."""
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (server, third, asker), hosts(2) as hogs:
+            await kad_link(server, third)
+            held: list[Stream] = []
+            for hog in hogs:
+                await hog.connect(server[0].listen_addrs[0])
+                for _ in range(10):
+                    held.append(await hog.open_stream(server[0].peer_id, KAD_PROTOCOL_ID))
+            await trio.testing.wait_all_tasks_blocked()
+            await kad_link(asker, server)
+            target = third[1].local_peer_id
+            closest = await asker[1].peer_routing.find_closest_peers_network(target.to_bytes())
+            assert target in closest
+            assert server[1].local_peer_id in asker[1].routing_table.get_peer_ids()
+
+            for _ in range(KAD_INBOUND_STREAMS_PER_PEER - 10):
+                held.append(await hogs[0].open_stream(server[0].peer_id, KAD_PROTOCOL_ID))
+            # The reset may land while the stream is still being negotiated.
+            with pytest.raises((StreamRefused, trio.BrokenResourceError)):
+                extra = await hogs[0].open_stream(server[0].peer_id, KAD_PROTOCOL_ID)
+                await extra.receive_some()
+            for stream in held:
+                await stream.aclose()
 
 
 def test_dht_stream_ends_are_not_warnings(caplog: pytest.LogCaptureFixture) -> None:
