@@ -6,6 +6,7 @@ start swarms with it. Nothing here is faked; every node is a full ``open_node``.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -21,11 +22,15 @@ def node_config(
     extra: str = "",
     *,
     upstream_registry: str = "",
+    fixed_ports: bool = False,
 ) -> Config:
     """A loopback-only config in ``root/name`` (mDNS off, ports chosen by the OS).
 
-    No upstream registry unless one is given: tests never reach the internet.
+    With `fixed_ports` the ports are chosen now (free ones), so the node keeps its
+    addresses when it restarts. No upstream registry unless one is given: tests never
+    reach the internet.
     """
+    p2p_port, api_port = (free_port(), free_port()) if fixed_ports else (0, 0)
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     boot = ", ".join(f'"{addr}"' for addr in bootstrap)
@@ -33,11 +38,19 @@ def node_config(
     path.write_text(
         f'[node]\nname = "{name}"\ndata_dir = "data"\n'
         f'[storage]\nmodels_dir = "models"\n'
-        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\nbootstrap = [{boot}]\nmdns = false\n'
-        f'[api]\nlisten = "127.0.0.1:0"\nupstream_registry = "{upstream_registry}"\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{p2p_port}"]\n'
+        f"bootstrap = [{boot}]\nmdns = false\n"
+        f'[api]\nlisten = "127.0.0.1:{api_port}"\nupstream_registry = "{upstream_registry}"\n'
         f"{extra}"
     )
     return load_config(path)
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on at this moment."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 @asynccontextmanager

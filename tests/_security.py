@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,12 +11,6 @@ from node.config import Config, load_config
 from node.p2p import P2PHost
 from node.provider import BLOCKS_PROTOCOL
 from protocols.blocks import NEED_DATA, BlockExchange, EndOfStream, Message, Role
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_config(

@@ -24,9 +24,10 @@ from node.identity import Identity
 from node.p2p import DialError, StreamRefused
 from node.provider import BLOCKS_PROTOCOL
 from node.pull import PullError
+from node.testing import free_port
 from protocols.blocks import Block, ErrorReply, HaveReply, WantBlock, WantHave
 from storage.names import parse_model_name
-from tests._security import audit_lines, blocks_exchange, config, free_port, write_config
+from tests._security import audit_lines, blocks_exchange, config, write_config
 from tests.conftest import MakeModel, dmm
 
 MiB = 1024 * 1024

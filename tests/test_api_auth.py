@@ -12,7 +12,8 @@ import trio
 
 from node.config import ConfigError, load_config
 from node.daemon import open_node
-from tests._security import audit_lines, config, free_port, write_config
+from node.testing import free_port
+from tests._security import audit_lines, config, write_config
 from tests.conftest import dmm
 
 TOKEN = "s3cret-token-0123456789abcdef"

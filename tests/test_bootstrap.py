@@ -2,31 +2,18 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import trio
 
 import node.bootstrap
-from node.config import Config, load_config
 from node.daemon import open_node
 from node.testing import node_config
 
 
-def _fixed_port_config(root: Path, name: str) -> Config:
-    """A node config listening on a fixed free port, so a restart keeps its address."""
-    config = node_config(root, name)
-    assert config.path is not None
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config.path.write_text(config.path.read_text().replace("/tcp/0", f"/tcp/{port}"))
-    return load_config(config.path)
-
-
 async def test_a_bootstrap_peer_that_comes_up_late_is_reached(tmp_path: Path) -> None:
-    seed_config = _fixed_port_config(tmp_path, "seed")
+    seed_config = node_config(tmp_path, "seed", fixed_ports=True)
     with trio.fail_after(30):
         async with open_node(seed_config) as seed:
             seed_addr, seed_id = seed.host.listen_addrs[0], seed.peer_id

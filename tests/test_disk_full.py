@@ -21,11 +21,12 @@ import trio
 
 from node.config import load_config
 from node.daemon import Node, open_node
+from node.testing import free_port
 from storage.db import MetadataDB
 from storage.fsutil import StoreFullError
 from storage.partial import PartialBlob
 from tests.conftest import MakeModel, clean_env
-from tests.test_node_cli import _config, _free_port
+from tests.test_node_cli import _config
 
 MiB = 1024 * 1024
 
@@ -61,7 +62,7 @@ def _puller_config(root: Path, models_dir: Path, data_dir: Path, holder: Node) -
         f'[storage]\nmodels_dir = "{models_dir}"\n'
         f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/0"]\n'
         f'bootstrap = ["{holder.host.listen_addrs[0]}"]\nmdns = false\n'
-        f'[api]\nlisten = "127.0.0.1:{_free_port()}"\n'
+        f'[api]\nlisten = "127.0.0.1:{free_port()}"\n'
     )
     return path
 

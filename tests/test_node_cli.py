@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,15 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from node.testing import free_port
 from tests.conftest import MakeModel, clean_env, dmm
 
 MiB = 1024 * 1024
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(root: Path, name: str, bootstrap: list[str] | None = None, storage: str = "") -> Path:
@@ -32,8 +26,8 @@ def _config(root: Path, name: str, bootstrap: list[str] | None = None, storage: 
     path = folder / "node.toml"
     path.write_text(
         f'[node]\nname = "{name}"\ndata_dir = "data"\n[storage]\nmodels_dir = "models"\n{storage}'
-        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{_free_port()}"]\nbootstrap = [{boot}]\n'
-        f'mdns = false\n[api]\nlisten = "127.0.0.1:{_free_port()}"\n'
+        f'[network]\nlisten = ["/ip4/127.0.0.1/tcp/{free_port()}"]\nbootstrap = [{boot}]\n'
+        f'mdns = false\n[api]\nlisten = "127.0.0.1:{free_port()}"\n'
     )
     return path
 

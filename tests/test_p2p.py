@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import socket
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
@@ -50,6 +49,7 @@ from node.p2p import (
     guard_pubsub_streams,
     open_host,
 )
+from node.testing import free_port
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 ECHO = "/dmm/test-echo/1"
@@ -82,13 +82,6 @@ def swarm_of(host: P2PHost) -> Swarm:
 
 def peer_id_of(key_pair: KeyPair) -> str:
     return str(ID.from_pubkey(key_pair.public_key))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 class Sink:
