@@ -446,6 +446,18 @@ class Node:
         """(model:tag full name, version id hex) -> peers that announced it."""
         return {key: set(holders) for key, holders in self._gossip.items()}
 
+    async def holders_of(self, name: ModelName) -> list[str]:
+        """Other peers holding any version of ``name``: DHT providers (what a 10 s lookup
+        found) and peers that gossiped it."""
+        found: dict[str, None] = {}
+        for info in await self.dht.find_providers(model_key(name), timeout=10):
+            found[info.peer_id] = None
+        for (full, _), peers in self._gossip.items():
+            if full == name.full:
+                found.update(dict.fromkeys(peers))
+        found.pop(self.peer_id, None)
+        return list(found)
+
     # --- queries ------------------------------------------------------------------------
 
     def peers(self) -> list[dict[str, Any]]:

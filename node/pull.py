@@ -78,25 +78,17 @@ async def find_holders(node: Node, name: ModelName) -> list[str]:
     failing both, the peers we are connected to (each is asked, as a LAN neighbour would
     be: a DHT walk can run out of time on a busy swarm, and gossip only tells of models
     announced after we joined)."""
-    from node.daemon import model_key
-
-    found: dict[str, None] = {}
-    for info in await node.dht.find_providers(model_key(name), timeout=10):
-        found[info.peer_id] = None
-    for (full, _), holders in node.gossip_holders().items():
-        if full == name.full:
-            found.update(dict.fromkeys(holders))
-    found.pop(node.peer_id, None)
-    if not found:
-        neighbours = [p for p in node.host.connected_peers() if p != node.peer_id]
-        if neighbours:
-            log.info(
-                "pull %s: no provider found in the DHT or gossip; asking %d connected peer(s)",
-                name.display,
-                min(len(neighbours), MAX_NEIGHBOURS_ASKED),
-            )
-        found = dict.fromkeys(neighbours[:MAX_NEIGHBOURS_ASKED])
-    return list(found)
+    found = await node.holders_of(name)
+    if found:
+        return found
+    neighbours = [p for p in node.host.connected_peers() if p != node.peer_id]
+    if neighbours:
+        log.info(
+            "pull %s: no provider found in the DHT or gossip; asking %d connected peer(s)",
+            name.display,
+            min(len(neighbours), MAX_NEIGHBOURS_ASKED),
+        )
+    return neighbours[:MAX_NEIGHBOURS_ASKED]
 
 
 async def newest_record(

@@ -247,7 +247,7 @@ class SyncManager:
             raise SyncError(f"sync type {kind!r} is not one of full, delta")
         lock = self._locks.setdefault(name.full, trio.Lock())
         async with lock:
-            asked = [peer] if peer else (peers or await self.holders(name))
+            asked = [peer] if peer else (peers or await self.node.holders_of(name))
             asked = [p for p in dict.fromkeys(asked) if p != self.node.peer_id]
             for p in asked:
                 self._set_state(name.full, p, "syncing")
@@ -271,19 +271,6 @@ class SyncManager:
             self._states[(name.full, p)].to_json() for p in asked if (name.full, p) in self._states
         ]
         return outcome
-
-    async def holders(self, name: ModelName) -> list[str]:
-        """Peers holding any version of ``name``: DHT providers and peers that gossiped it."""
-        from node.daemon import model_key
-
-        found: dict[str, None] = {}
-        for info in await self.node.dht.find_providers(model_key(name), timeout=10):
-            found[info.peer_id] = None
-        for (full, _), peers in self.node.gossip_holders().items():
-            if full == name.full:
-                found.update(dict.fromkeys(peers))
-        found.pop(self.node.peer_id, None)
-        return list(found)
 
     async def _ask_versions(self, name: ModelName, peers: list[str]) -> dict[str, PeerView]:
         """Each peer's version records of ``name`` and the manifest it holds under it."""
@@ -418,7 +405,7 @@ class SyncManager:
                     self.node, name, digest, peers, reuse_local=reuse
                 )
             except PullError:
-                more = [p for p in await self.holders(name) if p not in peers]
+                more = [p for p in await self.node.holders_of(name) if p not in peers]
                 if not more:
                     raise
                 raw, manifest, fetched = await fetch_version_data(
@@ -504,7 +491,7 @@ class SyncManager:
         records = await trio.to_thread.run_sync(self.node.book.records, name)
         dag = VersionDag(records)
         local = await trio.to_thread.run_sync(self.node.store.layout.read, name)
-        peers = await self.holders(name)
+        peers = await self.node.holders_of(name)
         answers = await self._ask_versions(name, peers)
         states = []
         for peer in peers:

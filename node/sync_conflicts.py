@@ -96,7 +96,7 @@ class ConflictKeeper:
                     continue
                 target = name.with_tag(conflict_tag(name.tag, loser))
                 # Holders of the name itself may still hold the loser, or its blobs.
-                sources = [*peers, *await self.sync.holders(name)]
+                sources = [*peers, *await self.sync.node.holders_of(name)]
                 try:
                     fetched += await self.sync.switch(target, loser.manifest_digest, sources, kind)
                 except FETCH_ERRORS as exc:
