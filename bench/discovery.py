@@ -316,6 +316,8 @@ async def _sample_finds(
     for i, (glob, asker) in enumerate(plan):
         # Alternating which goes first spreads any warm-up (a dial, a cache) over both.
         samples.append(await _sample(asker, glob, holders, exact_first=i % 2 == 0))
+        if (i + 1) % 10 == 0 and i + 1 < len(plan):
+            clock.say(f"{i + 1}/{len(plan)} finds done")
     return samples
 
 
