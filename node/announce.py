@@ -48,7 +48,7 @@ from protocols.records import (
     VersionRecord,
 )
 
-from .p2p import DmmGossipSub, P2PHost, guard_pubsub_streams
+from .p2p import DmmGossipSub, DmmPubsub, P2PHost, guard_pubsub_streams
 
 __all__ = [
     "DEFAULT_HEARTBEAT_INTERVAL",
@@ -153,7 +153,7 @@ class Announcer:
             heartbeat_interval=self._heartbeat_interval,  # type: ignore[arg-type]
             max_messages_per_topic_per_second=FORWARD_LIMIT,
         )
-        pubsub = Pubsub(self._host.host, router)
+        pubsub = DmmPubsub(self._host.host, router)
         guard_pubsub_streams(self._host, router.get_protocols(), pubsub.stream_handler)
         pubsub.set_topic_validator(ANNOUNCE_TOPIC, self._validate, is_async_validator=False)
         async with background_trio_service(pubsub), background_trio_service(router):

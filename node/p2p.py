@@ -114,6 +114,13 @@ Found later, in Yamux over Noise:
     "failure", and joined knowing no one else (median routing table 1 at 50 nodes).
     `KadDht` serves `KAD_INBOUND_STREAMS` at once and `KAD_INBOUND_STREAMS_PER_PEER`
     of any one peer: the cap bounds what one peer can hold, not the whole swarm's work.
+27. ``Pubsub`` opens its stream to each newly connected peer, and retries while the peer
+    stays connected, but only after a ``SwarmException``: when the stream is opened
+    and its protocol negotiation fails (``StreamFailure``: the peer's pubsub has not
+    started yet, or the answer took over 10 s on a busy node) it gives up on the peer
+    for as long as the connection lasts. At 40 nodes in one process 70 % of connections
+    ended up with no pubsub stream, so gossip reached far fewer peers than were
+    connected. `DmmPubsub` retries those too.
 """
 
 from __future__ import annotations
@@ -156,6 +163,7 @@ from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
 from libp2p.exceptions import BaseLibp2pError
 from libp2p.host.basic_host import BasicHost
+from libp2p.host.exceptions import StreamFailure
 from libp2p.io.abc import ReadWriteCloser
 from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, DEFAULT_TTL, QUERY_TIMEOUT
 from libp2p.kad_dht.common import PROTOCOL_ID as _LIBRARY_KAD_PROTOCOL_ID
@@ -167,6 +175,7 @@ from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
@@ -175,6 +184,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
 from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.rcmgr import new_resource_manager
 from libp2p.records.validator import NamespacedValidator, Validator
 from libp2p.security.exceptions import HandshakeFailure
@@ -214,6 +224,7 @@ __all__ = [
     "ConnectionGate",
     "DialError",
     "DmmGossipSub",
+    "DmmPubsub",
     "KadDht",
     "OnRefused",
     "P2PError",
@@ -974,6 +985,17 @@ class DmmGossipSub(GossipSub):
             for topic in topics:
                 self._add_back_off(peer, topic, False)
         return to_graft, to_prune
+
+
+class DmmPubsub(Pubsub):
+    """Pubsub that keeps trying to open its stream to a connected peer (defect 27)."""
+
+    async def _handle_new_peer(self, peer_id: ID) -> None:
+        try:
+            await super()._handle_new_peer(peer_id)
+        except StreamFailure as exc:
+            # The one failure the library's retry loop retries.
+            raise SwarmException(f"no pubsub stream to {peer_id} yet: {exc}") from exc
 
 
 def guard_pubsub_streams(

@@ -41,6 +41,7 @@ from node.p2p import (
     NOISE_PROTOCOL_ID,
     DialError,
     DmmGossipSub,
+    DmmPubsub,
     KadDht,
     P2PHost,
     Stream,
@@ -250,6 +251,31 @@ async def test_gossip_backs_off_from_the_mesh_peers_its_heartbeat_prunes() -> No
                 await leaf.connect(centre.listen_addrs[0])
             await pruned.wait()
     assert checked and all(all(backed_off.values()) for backed_off in checked)
+
+
+async def test_pubsub_keeps_trying_a_peer_whose_pubsub_was_not_up_yet() -> None:
+    """Defect 27: a peer whose pubsub stream failed to negotiate (its pubsub had not started,
+    or answered after 10 s) was never tried again while connected: no gossip either way."""
+    with trio.fail_after(30):
+        async with hosts(2) as (a, b), AsyncExitStack() as stack:
+
+            async def start_pubsub(host: P2PHost) -> DmmPubsub:
+                router = DmmGossipSub(
+                    protocols=[PROTOCOL_ID_V11], degree=1, degree_low=1, degree_high=2
+                )
+                pubsub = DmmPubsub(host.host, router)
+                await stack.enter_async_context(background_trio_service(pubsub))
+                await stack.enter_async_context(background_trio_service(router))
+                await pubsub.wait_until_ready()
+                return pubsub
+
+            pubsub_a = await start_pubsub(a)
+            await b.connect(a.listen_addrs[0])
+            # a's first stream to b fails: b speaks no pubsub protocol yet.
+            await trio.testing.wait_all_tasks_blocked()
+            assert b.host.get_id() not in pubsub_a.peers
+            await start_pubsub(b)
+            await pubsub_a.wait_for_peer(b.host.get_id(), timeout=20)
 
 
 async def test_the_hosts_addresses_read_while_its_listeners_close() -> None:
