@@ -58,7 +58,7 @@ from node.daemon import Node, model_key, open_node
 from node.p2p import trace_walks
 from node.testing import node_config
 from protocols.catalog import glob_matches
-from protocols.records import Announcement
+from protocols.records import Announcement, VersionRecord
 from storage.names import parse_model_name
 from storage.testmodels import generate_model
 
@@ -74,10 +74,9 @@ JOIN_TIMEOUT = 600.0
 MiB = 1024 * 1024
 MODEL_SIZE = 1 * MiB
 FIND_TIMEOUT = 5.0
-FULL_SAMPLES_PER_GLOB = 20
-# At the sizes the swarm grows through, half as many: p95 and hops of 30 finds; the last
-# size's 60 give the headline figures. A find and its exact lookup take up to 10 s.
-GROWTH_SAMPLES_PER_GLOB = 10
+# 30 finds at every size (p95: the second slowest). A find and its exact lookup take up
+# to 10 s, and at 200 nodes in one process most of that: 60 at the last size took 17 min.
+FULL_SAMPLES_PER_GLOB = 10
 QUICK_SAMPLES_PER_GLOB = 4
 FULL_ROUNDS = 4
 QUICK_ROUNDS = 2
@@ -146,9 +145,7 @@ async def _run(root: Path, quick: bool, clock: _Clock) -> list[Figure]:
                     for name, holder in holders.items():
                         nursery.start_soon(_add, holder, name, paths[name])
                 await _quiet(clock)
-            last = size == sizes[-1]
-            count = per_glob if last or quick else GROWTH_SAMPLES_PER_GLOB
-            samples = await _sample_finds(swarm.nodes, holders, count, rng, clock)
+            samples = await _sample_finds(swarm.nodes, holders, per_glob, rng, clock)
             figures += _growth_figures(size, samples)
         figures += _find_figures(samples, clock)
         nodes = swarm.nodes
@@ -415,8 +412,9 @@ def _wrong(result: dict[str, Any], glob: str, holders: dict[str, Node]) -> str |
 class _Round:
     name: str  # full model:tag of the announced version
     waiting: set[str]  # peer ids of the nodes that have not taken it in yet
-    started: float = math.inf
+    started: float = math.inf  # when the origin queued the announcement
     arrived: dict[str, float] = field(default_factory=dict)  # peer id -> seconds
+    announced: trio.Event = field(default_factory=trio.Event)
     done: trio.Event = field(default_factory=trio.Event)
 
 
@@ -435,6 +433,17 @@ class _Watcher:
             self._wrap(node)
 
     def _wrap(self, node: Node) -> None:
+        announce_nowait = node.announcer.announce_nowait
+
+        def announcing(records: Sequence[VersionRecord], addrs: Sequence[str] = ()) -> None:
+            current = self.round
+            if current is not None and any(r.name == current.name for r in records):
+                # Queued here, sent by the announcer's task: nothing has left yet.
+                current.started = time.perf_counter()
+                current.announced.set()
+            announce_nowait(records, addrs)
+
+        node.announcer.announce_nowait = announcing  # type: ignore[method-assign]
         handler = node.announcer._on_records
 
         async def observed(peer_id: str, announcement: Announcement) -> None:
@@ -474,13 +483,14 @@ async def _measure_propagation(
         neighbour = await _mesh_neighbour(origin, others)
         current = _Round(parse_model_name(name).full, {n.peer_id for n in others})
         watcher.round = current
-        await _add(origin, name, paths[name])
-        # ``refresh`` queues the announcement as its very last step, with no checkpoint
-        # after it: nothing can have been sent before this instant.
-        current.started = time.perf_counter()
-        with trio.move_on_after(PROPAGATION_DEADLINE):
-            await current.done.wait()
-        watcher.round = None
+        async with trio.open_nursery() as nursery:
+            # ``refresh`` announces the new version as soon as it is signed, then
+            # provides it in the DHT: the round is timed from the announcement.
+            nursery.start_soon(_add, origin, name, paths[name])
+            await current.announced.wait()
+            with trio.move_on_at(trio.current_time() + PROPAGATION_DEADLINE):
+                await current.done.wait()
+            watcher.round = None
         misses += len(current.waiting)
         arrived = current.arrived
         every = PROPAGATION_DEADLINE if current.waiting else max(arrived.values())

@@ -250,7 +250,12 @@ class Node:
             log.warning("publishing the store's changes failed: %s", exc)
 
     async def refresh(self) -> dict[str, Any]:
-        """Re-read the store; publish new or changed models, stop providing removed ones."""
+        """Re-read the store; publish new or changed models, stop providing removed ones.
+
+        New versions are announced over gossip as soon as they are signed, then provided
+        and put in the DHT: at 200 nodes those walks took minutes, and the announcement
+        waited for them.
+        """
         async with self._publish_lock:
             entries = await trio.to_thread.run_sync(self.store.list_models)
             current = {e.name.full: e for e in entries}
@@ -258,8 +263,15 @@ class Node:
             records: list[VersionRecord] = []
             for entry in changed:
                 records.append(
-                    await self._publish(entry.name, entry.digest, entry.manifest, held=True)
+                    await self._sign(entry.name, entry.digest, entry.manifest, held=True)
                 )
+            if records:
+                self.announcer.announce_nowait(records, self.host.listen_addrs)
+                for record in records:
+                    self.activity.event("published", "version record signed", model=record.name)
+            async with trio.open_nursery() as nursery:
+                for entry, record in zip(changed, records, strict=True):
+                    nursery.start_soon(self._spread, entry.name, entry.manifest, record)
             removed = [name for name in self._published if name not in current]
             for name in removed:
                 self.audit.record("delete", model=name, version=self._published[name])
@@ -270,34 +282,39 @@ class Node:
                     for e in entries
                 ):
                     self.dht.unprovide(model_key(model))
-            if records:
-                self.announcer.announce_nowait(records, self.host.listen_addrs)
-                for record in records:
-                    self.activity.event("published", "version record signed", model=record.name)
             return {"published": len(changed), "removed": len(removed), "models": len(entries)}
 
-    async def _publish(
+    async def _sign(
         self, name: ModelName, digest: str, manifest: Manifest, *, held: bool = False
     ) -> VersionRecord:
-        """Record, provide and store in the DHT one model version; the caller announces it.
+        """Record one model version as published; the caller announces and spreads it.
 
         ``held``: what the store holds is taken as the known version naming its manifest,
         if there is one (``VersionBook.record_held``), rather than made the newest.
         """
         sign = self.book.record_held if held else self.book.record_local
         record = await trio.to_thread.run_sync(sign, name, digest, manifest.total_size)
-        await self._provide(name, manifest.blob_digests())
+        self._published[name.full] = digest
+        return record
+
+    async def _spread(self, name: ModelName, manifest: Manifest, record: VersionRecord) -> None:
+        """Provide the version's keys and put its record in the DHT, all at once (each
+        ``provide`` is paced, and is kept for re-providing even if no peer answers)."""
+        keys = [
+            model_key(name),
+            *index_keys_for_name(name.full),
+            *(blob_key(d) for d in manifest.blob_digests()),
+        ]
+        async with trio.open_nursery() as nursery:
+            for key in keys:
+                nursery.start_soon(self.dht.provide, key)
+            nursery.start_soon(self._put_version, name, record)
+
+    async def _put_version(self, name: ModelName, record: VersionRecord) -> None:
         try:
             await self.dht.put_version(record)
         except Exception as exc:  # a DHT with no peers yet fails puts
             log.info("model %s: version record not stored in the DHT yet (%s)", name.display, exc)
-        self._published[name.full] = digest
-        return record
-
-    async def _provide(self, name: ModelName, digests: list[str]) -> None:
-        keys = [model_key(name), *index_keys_for_name(name.full), *(blob_key(d) for d in digests)]
-        for key in keys:
-            await self.dht.provide(key)
 
     # --- gossip -------------------------------------------------------------------------
 
@@ -385,8 +402,9 @@ class Node:
         display = stored.name.display
         await self.hooks.fire("pre-push", display, digest=stored.digest)
         async with self._publish_lock:
-            record = await self._publish(stored.name, stored.digest, stored.manifest)
-        self.announcer.announce_nowait([record], self.host.listen_addrs)
+            record = await self._sign(stored.name, stored.digest, stored.manifest)
+            self.announcer.announce_nowait([record], self.host.listen_addrs)
+            await self._spread(stored.name, stored.manifest, record)
         self.audit.record("push", model=display, version=record.version_id.hex())
         log.info("model %s pushed: version %s", display, record.version_id.hex()[:12])
         await self.hooks.fire(
