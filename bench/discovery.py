@@ -69,7 +69,7 @@ QUICK_SIZES = (4, 8)
 # New nodes bootstrap from one seed, as a LAN whose nodes all name one machine would.
 SEEDS = 1
 START_BATCH = 10
-# A batch of new nodes has joined (reached the seed, refreshed its tables) by then.
+# Every node of a growth step has joined (reached the seed, refreshed its table) by then.
 JOIN_TIMEOUT = 600.0
 MiB = 1024 * 1024
 MODEL_SIZE = 1 * MiB
@@ -129,8 +129,8 @@ async def _run(root: Path, quick: bool, clock: _Clock) -> list[Figure]:
         for size in sizes:
             clock.say(f"growing to {size} nodes ({SEEDS} seed, batches of {START_BATCH})")
             started = clock.elapsed()
-            await swarm.grow(size, clock)
-            await _report_tables(swarm.nodes, clock)
+            new = await swarm.grow(size)
+            await _bootstrap(swarm.nodes, new, clock)
             setup += clock.elapsed() - started
             if not holders:
                 # Holders are spread over the first stage's non-seed nodes: the seed is
@@ -180,16 +180,9 @@ def _growth_figures(size: int, samples: list[_Sample]) -> list[Figure]:
 
 class _Swarm:
     """``node.testing.open_swarm``'s swarm (the seeds chained, the rest bootstrapping
-    from them), grown in batches that start together, and stopped all at once: one by
-    one, 50 nodes took about a minute each way, every departure setting off the others'
-    reconnects.
-
-    A batch joins (reaches the seed and refreshes its routing table) before the next
-    starts, as nodes come up over time in a real network. Starting all 100 nodes of a
-    step at once ran 100 refreshes together: the one core fell so far behind that a
-    protocol negotiation on loopback took 2 s at the median and often timed out (10 s),
-    and each timeout made a retry and dropped a peer from a routing table.
-    """
+    from them), grown in concurrent batches and stopped all at once: one by one, 50
+    nodes took about a minute each way, every departure setting off the others'
+    reconnects."""
 
     def __init__(self, root: Path, nursery: trio.Nursery, stop: trio.Event) -> None:
         self.root = root
@@ -197,9 +190,8 @@ class _Swarm:
         self.stop = stop
         self.nodes: list[Node] = []
 
-    async def grow(self, count: int, clock: _Clock) -> list[Node]:
-        """Start nodes until there are ``count``, each batch joined before the next
-        starts; returns the new ones."""
+    async def grow(self, count: int) -> list[Node]:
+        """Start nodes until there are ``count``; returns the new ones."""
         before = len(self.nodes)
         while len(self.nodes) < min(count, SEEDS):
             boot = [n.host.listen_addrs[0] for n in self.nodes]
@@ -216,12 +208,7 @@ class _Swarm:
             async with trio.open_nursery() as starting:
                 for i in range(first, min(first + START_BATCH, count)):
                     starting.start_soon(start, i)
-            with trio.fail_after(JOIN_TIMEOUT):
-                for node in batch.values():
-                    await node.bootstrap.joined.wait()
             self.nodes.extend(batch[i] for i in sorted(batch))
-            if len(self.nodes) % 50 == 0 or len(self.nodes) == count:
-                clock.say(f"{len(self.nodes) - before}/{count - before} new nodes joined")
         return self.nodes[before:]
 
 
@@ -243,15 +230,21 @@ async def _hold_node(
         await stop.wait()
 
 
-async def _report_tables(nodes: list[Node], clock: _Clock) -> None:
-    """Once the swarm is quiet, what the nodes' joins made of their routing tables.
+async def _bootstrap(nodes: list[Node], new: list[Node], clock: _Clock) -> None:
+    """Wait until every new node has joined as any node does (``node.bootstrap``): it
+    reached the seed and its routing-table refresh is over. The older nodes learn of the
+    new ones from their queries, as in Kademlia.
 
-    Nodes join as any node does (``node.bootstrap``): they reach the seed and refresh
-    their routing tables once; the older nodes learn of the new ones from their queries,
-    as in Kademlia. A second refresh of every table, one at a time, made fuller tables,
-    but took ~10 s a node at 200 nodes in this one process, for tables no real node has
-    just after it joins.
+    A second refresh of every new table, one at a time, made fuller tables, but took
+    ~10 s a node at 200 nodes in this one process: most of the run, for tables no real
+    node has just after it joins.
     """
+    with trio.fail_after(JOIN_TIMEOUT):
+        for i, node in enumerate(new, start=1):
+            if node not in nodes[:SEEDS]:
+                await node.bootstrap.joined.wait()
+            if i % 20 == 0 or i == len(new):
+                clock.say(f"{i}/{len(new)} new nodes joined")
     await _quiet(clock)
     tables = sorted(node.dht.routing_table_size() for node in nodes)
     conns = sorted(len(node.host.connected_peers()) for node in nodes)
