@@ -239,12 +239,21 @@ async def _bootstrap(nodes: list[Node], new: list[Node], clock: _Clock) -> None:
     ~10 s a node at 200 nodes in this one process: most of the run, for tables no real
     node has just after it joins.
     """
-    with trio.fail_after(JOIN_TIMEOUT):
+    with trio.move_on_after(JOIN_TIMEOUT):
         for i, node in enumerate(new, start=1):
             if node not in nodes[:SEEDS]:
                 await node.bootstrap.joined.wait()
             if i % 20 == 0 or i == len(new):
                 clock.say(f"{i}/{len(new)} new nodes joined")
+    late = [n for n in new if n not in nodes[:SEEDS] and not n.bootstrap.joined.is_set()]
+    if late:
+        never = sum(n.bootstrap.connects == 0 for n in late)
+        raise RuntimeError(
+            f"{len(late)} of {len(new)} new nodes had not joined after {JOIN_TIMEOUT:.0f} s:"
+            f" {never} never reached the seed"
+            f" ({sum(n.bootstrap.failed_dials for n in late)} failed dials),"
+            f" {len(late) - never} reached it and were still refreshing their routing tables"
+        )
     await _quiet(clock)
     tables = sorted(node.dht.routing_table_size() for node in nodes)
     conns = sorted(len(node.host.connected_peers()) for node in nodes)

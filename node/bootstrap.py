@@ -29,6 +29,11 @@ BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 # Even with no connection change to wake it, a node looks this often.
 CHECK_INTERVAL = 10.0
+# A join's routing-table refresh keeps what it found by then. The library bounds each
+# query, not the walk (one per non-empty bucket, each up to 30 s, and stream closes with
+# no deadline): unbounded, a stalled walk held the node "not joined" and stopped it
+# dialing its bootstrap peers again.
+REFRESH_TIMEOUT = 120.0
 
 # What a failed dial raises varies with where it failed.
 _DIAL_ERRORS = (OSError, trio.TooSlowError, P2PError, trio.BrokenResourceError)
@@ -48,7 +53,8 @@ class Bootstrapper:
     ``on_connected(peer)`` is called after each successful bootstrap dial; ``connects``
     and ``failed_dials`` count the dials, and the host's ``changes`` hear of each.
     ``joined`` is set once a bootstrap peer was reached and the routing-table refresh
-    that followed is over: the node has found what part of the swarm it could.
+    that followed is over (or cut short after `REFRESH_TIMEOUT`, counted in
+    ``refreshes_cut_short``): the node has found what part of the swarm it could.
     """
 
     def __init__(
@@ -64,6 +70,7 @@ class Bootstrapper:
         self._on_connected = on_connected
         self.connects = 0
         self.failed_dials = 0
+        self.refreshes_cut_short = 0
         self.joined = trio.Event()
 
     def short_of_peers(self) -> bool:
@@ -97,11 +104,20 @@ class Bootstrapper:
                 nursery.start_soon(self._dial_one, seed, connected)
         if connected:
             # One refresh for the round: it is what finds the rest of the swarm.
-            try:
-                await self._dht.refresh()
-            except Exception as exc:  # the library's lookups raise what they like
-                log.info("routing table refresh after bootstrap failed: %r", exc)
+            with trio.move_on_after(REFRESH_TIMEOUT) as deadline:
+                try:
+                    await self._dht.refresh()
+                except Exception as exc:  # the library's lookups raise what they like
+                    log.info("routing table refresh after bootstrap failed: %r", exc)
+            if deadline.cancelled_caught:
+                self.refreshes_cut_short += 1
+                log.info(
+                    "routing table refresh after bootstrap cut short after %.0fs: %d peers known",
+                    REFRESH_TIMEOUT,
+                    self._dht.routing_table_size(),
+                )
             self.joined.set()
+            self._host.changes.notify()
 
     async def _dial_one(self, seed: _Seed, connected: list[str]) -> None:
         try:

@@ -9,6 +9,7 @@ import trio
 
 import node.bootstrap
 from node.daemon import open_node
+from node.dht import Dht
 from node.testing import node_config
 
 
@@ -56,3 +57,27 @@ async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
             assert [s.peer for s in b.bootstrap.due()] == [seed.peer_id]
             await b.wait_until(lambda: b.bootstrap.connects == 2)
             assert b.host.is_connected(seed.peer_id)
+
+
+async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The refresh after a bootstrap dial had no deadline: one that stalled left the node
+    never joined, and its bootstrapper never dialed again. A stalled DHT walk cannot be
+    made on demand with real peers, so the refresh is made to stall here."""
+
+    async def stalls(self: Dht) -> None:
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(node.bootstrap, "REFRESH_TIMEOUT", 0.5)
+    monkeypatch.setattr(Dht, "refresh", stalls)
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "seed")) as seed,
+            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+        ):
+            await b.bootstrap.joined.wait()
+            assert b.bootstrap.refreshes_cut_short == 1
+            await seed.host.disconnect(b.peer_id)
+            await b.wait_until(lambda: b.bootstrap.refreshes_cut_short == 2)
+            assert b.bootstrap.connects == 2
