@@ -26,11 +26,10 @@ moment of the same run. The goals (p95 find <= 1 s, propagation to all <= 2 s) a
 absolute: as in ``bench.transfer``, each is named in its figure and handed to the runner
 as the ratio goal absolute goal / baseline, which is met exactly when the value is.
 
-At 50 nodes alone a run took about 10 minutes on the 2-core machine, nearly all of it
-py-libp2p connection and stream set-up on one core: refreshing 50 routing tables (~3 min,
-the tables end up holding most of the swarm), the holders' provides (~2 min), the 60
-finds (~2 min), teardown (~45 s); growing on to 200 makes it the longest benchmark by far.
-Progress lines on stderr carry the elapsed seconds.
+Nearly all of a run is py-libp2p connection and stream set-up on one core. At commit
+5d899cc the 50-node stage took about 3 minutes (join 84 s, the holders' provides 43 s,
+30 finds 65 s) and the 100-node stage about 4; growing on to 200 makes it the longest
+benchmark by far. Progress lines on stderr carry the elapsed seconds.
 """
 
 from __future__ import annotations
