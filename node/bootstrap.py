@@ -52,9 +52,10 @@ class Bootstrapper:
 
     ``on_connected(peer)`` is called after each successful bootstrap dial; ``connects``
     and ``failed_dials`` count the dials, and the host's ``changes`` hear of each.
-    ``joined`` is set once a bootstrap peer was reached and the routing-table refresh
-    that followed is over (or cut short after `REFRESH_TIMEOUT`, counted in
-    ``refreshes_cut_short``): the node has found what part of the swarm it could.
+    ``joined`` is set once a bootstrap peer was reached, or other peers reached us while
+    none was, and the routing-table refresh that followed is over (or cut short after
+    `REFRESH_TIMEOUT`, counted in ``refreshes_cut_short``): the node has found what part
+    of the swarm it could.
     """
 
     def __init__(
@@ -91,11 +92,19 @@ class Bootstrapper:
             due = self.due()
             if due:
                 await self._dial(due)
+            if self._join_due():
+                # Other peers reached us while no bootstrap peer answered (the DHT's
+                # walks dial the nodes they learn of): join through them. With enough
+                # of them no bootstrap dial is due, and the node never joined.
+                await self._refresh()
             # A lost connection wakes us at once; a backoff ending, by the deadline.
             waiting = [s.next_dial for s in self._seeds if s.next_dial > trio.current_time()]
             wake = min([*waiting, trio.current_time() + CHECK_INTERVAL])
             with trio.move_on_at(wake):
-                await self._host.changes.wait_until(lambda: bool(self.due()))
+                await self._host.changes.wait_until(lambda: bool(self.due()) or self._join_due())
+
+    def _join_due(self) -> bool:
+        return not self.joined.is_set() and bool(self._host.connected_peers())
 
     async def _dial(self, seeds: list[_Seed]) -> None:
         connected: list[str] = []
@@ -104,20 +113,23 @@ class Bootstrapper:
                 nursery.start_soon(self._dial_one, seed, connected)
         if connected:
             # One refresh for the round: it is what finds the rest of the swarm.
-            with trio.move_on_after(REFRESH_TIMEOUT) as deadline:
-                try:
-                    await self._dht.refresh()
-                except Exception as exc:  # the library's lookups raise what they like
-                    log.info("routing table refresh after bootstrap failed: %r", exc)
-            if deadline.cancelled_caught:
-                self.refreshes_cut_short += 1
-                log.info(
-                    "routing table refresh after bootstrap cut short after %.0fs: %d peers known",
-                    REFRESH_TIMEOUT,
-                    self._dht.routing_table_size(),
-                )
-            self.joined.set()
-            self._host.changes.notify()
+            await self._refresh()
+
+    async def _refresh(self) -> None:
+        with trio.move_on_after(REFRESH_TIMEOUT) as deadline:
+            try:
+                await self._dht.refresh()
+            except Exception as exc:  # the library's lookups raise what they like
+                log.info("routing table refresh after bootstrap failed: %r", exc)
+        if deadline.cancelled_caught:
+            self.refreshes_cut_short += 1
+            log.info(
+                "routing table refresh after bootstrap cut short after %.0fs: %d peers known",
+                REFRESH_TIMEOUT,
+                self._dht.routing_table_size(),
+            )
+        self.joined.set()
+        self._host.changes.notify()
 
     async def _dial_one(self, seed: _Seed, connected: list[str]) -> None:
         try:

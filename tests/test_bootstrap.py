@@ -81,3 +81,25 @@ async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
             await seed.host.disconnect(b.peer_id)
             await b.wait_until(lambda: b.bootstrap.refreshes_cut_short == 2)
             assert b.bootstrap.connects == 2
+
+
+async def test_a_node_reached_by_peers_before_its_seed_joins_through_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose bootstrap peer did not answer, but that enough other peers dialed (DHT
+    walks dial the nodes they learn of), had no bootstrap dial due and never refreshed its
+    routing table: in a 200-node run one node stayed "not joined" for 10 minutes."""
+    monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)
+    seed_config = node_config(tmp_path, "seed", fixed_ports=True)
+    async with open_node(seed_config) as seed:
+        dead_seed = seed.host.listen_addrs[0]
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "b", [dead_seed])) as b,
+            open_node(node_config(tmp_path, "other")) as other,
+        ):
+            await b.wait_until(lambda: b.bootstrap.failed_dials >= 1)
+            await other.host.connect(b.host.listen_addrs[0])
+            await b.bootstrap.joined.wait()
+            assert b.bootstrap.connects == 0
+            assert other.peer_id in b.dht.routing_table_peers()
