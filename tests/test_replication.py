@@ -22,7 +22,7 @@ from node.changes import wait_until_any
 from node.daemon import Node, model_key, open_node
 from node.p2p import KAD_PROTOCOL_ID, Stream, open_host
 from node.replication_policy import Policy, PolicyDefaults, parse_policy
-from node.testing import free_port, node_config
+from node.testing import node_config
 from storage.names import parse_model_name
 from tests.conftest import MakeModel, clean_env, dmm
 
@@ -266,12 +266,9 @@ def _process_config(root: Path, make_model: MakeModel) -> Path:
         extra=_extra(
             replication='[[replication.policy]]\nglob = "replicated*"\nmin_replicas = 3\n'
         ),
+        fixed_ports=True,  # so the in-process nodes can bootstrap from it
     )
     assert config.path is not None
-    # A fixed port so the in-process nodes can bootstrap from it.
-    text = config.path.read_text()
-    text = text.replace("/tcp/0", f"/tcp/{free_port()}").replace(':0"', f':{free_port()}"')
-    config.path.write_text(text)
     gguf = make_model("proc.gguf", size=2 * MiB)
     dmm(config.path, "add", MODEL, str(gguf))
     return config.path
