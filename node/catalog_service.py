@@ -42,7 +42,7 @@ from typing import NoReturn, Protocol, TypeVar
 import trio
 
 from node.acl import StoreAccess
-from node.exc_groups import first_leaf, only
+from node.exc_groups import first_leaf, only, sole_error
 from node.limits import LimitExceeded, Limits
 from node.p2p import P2PHost, Stream
 from node.versions import VersionBook
@@ -847,11 +847,12 @@ async def open_catalog_client(
                 await client.aclose()
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        # The reader never raises, so the group wraps the caller's one exception:
-        # hand it back as the caller raised it.
-        if len(group.exceptions) != 1:
+        # The reader never raises for I/O, so the group wraps the caller's one exception
+        # (and, under an outer cancellation, the reader's Cancelled): hand it back as the
+        # caller raised it.
+        exc = sole_error(group)
+        if exc is None:
             raise
-        exc = group.exceptions[0]
         raise exc from exc.__cause__
 
 

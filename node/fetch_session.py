@@ -413,7 +413,9 @@ class FetchSession:
                         with trio.move_on_after(CLOSE_GRACE):
                             await link.reader_done.wait()
                     nursery.cancel_scope.cancel()
-        except Exception as exc:
+        except BaseException as exc:
+            # BaseException: a peer's failure while the session is being cancelled comes
+            # in a group with its tasks' Cancelled, and is still only a dropped peer.
             if not only(exc, _PEER_ERRORS):
                 raise
             reason = first_leaf(exc)

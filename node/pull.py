@@ -21,6 +21,7 @@ import trio
 
 from node.blob_fetches import SharedFetch
 from node.catalog_service import CatalogError, open_catalog_client
+from node.exc_groups import first_leaf, only
 from node.p2p import P2PError
 from node.transfer import FetchResult, TransferError, fetch_blob
 from protocols.dag import VersionDag
@@ -64,13 +65,11 @@ def plain_pull_errors() -> Iterator[None]:
     try:
         yield
     except BaseExceptionGroup as group:
-        matched, rest = group.split(PullError)
-        if matched is None or rest is not None:
+        # Siblings' Cancelled (an outer scope is being cancelled) do not hide the error.
+        matched = group.split(PullError)[0]
+        if matched is None or not only(group, (PullError,)):
             raise
-        first: BaseException = matched
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from None
+        raise first_leaf(matched) from None
 
 
 async def find_holders(node: Node, name: ModelName) -> list[str]:

@@ -16,6 +16,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+import node.catalog_service as catalog_service
 from node.catalog_service import (
     CATALOG_PROTOCOL,
     CatalogError,
@@ -426,6 +427,30 @@ async def test_a_broken_stream_fails_pending_requests(source: StoreCatalogSource
                     await catalog.list_models("*")
                 with pytest.raises(trio.BrokenResourceError):
                     await catalog.get_versions("llama3")
+
+
+async def test_the_callers_error_comes_back_plain_while_an_outer_scope_is_cancelled(
+    source: StoreCatalogSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sync task failed this way at node shutdown: the caller's error left
+    open_catalog_client in a group with the reply reader's Cancelled, so `except
+    BrokenResourceError` missed it and the node crashed."""
+    monkeypatch.setattr(catalog_service, "_CLOSE_GRACE", 0.2)
+    released = trio.Event()
+
+    async def never_answers(stream: Stream) -> None:
+        await released.wait()
+
+    with trio.fail_after(20):
+        async with two_hosts(CatalogServer(source)) as (server_host, client_host):
+            # The reader is still waiting when the client closes, so the nursery's cancel
+            # reaches it while the outer scope is cancelled too.
+            server_host.set_stream_handler(CATALOG_PROTOCOL, never_answers)
+            with trio.CancelScope() as outer, pytest.raises(ValueError, match="own failure"):
+                async with open_catalog_client(client_host, server_host.peer_id):
+                    outer.cancel()
+                    raise ValueError("the caller's own failure")
+            released.set()
 
 
 async def test_an_idle_stream_is_ended_by_the_server(source: StoreCatalogSource) -> None:
