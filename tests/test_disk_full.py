@@ -94,11 +94,12 @@ def _nothing_half_written(puller: Node, models_dir: Path, digest: str) -> None:
 def _fill(directory: Path) -> Path:
     """Write a ballast file until the filesystem is full."""
     ballast = directory / "ballast"
-    with ballast.open("wb") as f:
+    # Unbuffered: a buffered file would retry the write that failed when it is closed,
+    # and raise ENOSPC again from there.
+    with ballast.open("wb", buffering=0) as f:
         try:
             while True:
                 f.write(b"\xff" * MiB)
-                f.flush()
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
     return ballast
