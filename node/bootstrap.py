@@ -1,4 +1,4 @@
-"""Joining the swarm through the bootstrap peers, and rejoining when the node falls out.
+"""Joining the swarm through the bootstrap peers, and staying in it.
 
 As in IPFS, a node dials every bootstrap peer when it starts, and again whenever it has
 fewer than `MIN_PEERS` connections; each bootstrap peer has its own backoff. A node does
@@ -7,11 +7,18 @@ from keeps only its high watermark of connections (node/p2p.py) and prunes the r
 when every pruned node dialed straight back, and refreshed its routing table each time,
 the seed did little but handshakes: at 100 nodes on one seed, nodes that had just
 started could not get a connection through for minutes.
+
+So once a node has joined, it tops itself up to `MIN_PEERS` from its routing table
+first (random peers, each with its own backoff), and falls back on the bootstrap peers
+only when the table has nobody left to dial. Connections are what gossip travels on:
+a joined node left holding only its seed (most of a 100-node swarm, once its lookups'
+connections were gone) had no mesh of its own, and announcements never reached it.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -22,13 +29,17 @@ from node.p2p import P2PError, P2PHost
 
 log = logging.getLogger("dmm.bootstrap")
 
-# Below this many connections the bootstrap peers are dialed again (go-ipfs uses 4).
-MIN_PEERS = 4
+# Below this many connections a node dials more (go-ipfs uses 4 for its bootstrap): the
+# announce topic's gossip mesh (node/announce.py: D = 6, D_low = 4) is drawn from them.
+MIN_PEERS = 6
 DIAL_TIMEOUT = 10.0
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 60.0
 # Even with no connection change to wake it, a node looks this often.
 CHECK_INTERVAL = 10.0
+# A routing-table peer we connected to is not dialed again for this long, should the
+# connection end (a peer over its high watermark prunes the idle ones).
+REDIAL_AFTER = 30.0
 # A join's routing-table refresh keeps what it found by then. The library bounds each
 # query, not the walk (one per non-empty bucket, each up to 30 s, and stream closes with
 # no deadline): unbounded, a stalled walk held the node "not joined" and stopped it
@@ -64,11 +75,17 @@ class Bootstrapper:
         dht: Dht,
         addrs: Sequence[str],
         on_connected: Callable[[str], None],
+        *,
+        shunned: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self._host = host
         self._dht = dht
         self._seeds = [_Seed(addr, addr.rsplit("/p2p/", 1)[-1]) for addr in addrs]
         self._on_connected = on_connected
+        self._shunned = shunned
+        # Routing-table peers whose dial failed: peer -> (retry after, next delay).
+        self._neighbour_backoff: dict[str, tuple[float, float]] = {}
+        self.neighbour_connects = 0
         self.connects = 0
         self.failed_dials = 0
         self.refreshes_cut_short = 0
@@ -78,16 +95,35 @@ class Bootstrapper:
         return len(self._host.connected_peers()) < MIN_PEERS
 
     def due(self) -> list[_Seed]:
-        """The bootstrap peers to dial now: none while the node has enough connections."""
+        """The bootstrap peers to dial now: none while the node has enough connections,
+        or, once it has joined, while its routing table has peers left to dial."""
         if not self.short_of_peers():
+            return []
+        if self.joined.is_set() and self.neighbours_due():
             return []
         now = trio.current_time()
         connected = set(self._host.connected_peers())
         return [s for s in self._seeds if s.peer not in connected and s.next_dial <= now]
 
+    def neighbours_due(self) -> list[str]:
+        """Routing-table peers a node short of connections may dial now: not connected,
+        not a bootstrap peer (those keep their own backoff), not shunned, not backing off."""
+        if not self.short_of_peers():
+            return []
+        now = trio.current_time()
+        skip = {*self._host.connected_peers(), *(s.peer for s in self._seeds)}
+        skip.add(self._host.peer_id)
+        return [
+            peer
+            for peer in self._dht.routing_table_peers()
+            if peer not in skip
+            and self._neighbour_backoff.get(peer, (now, 0.0))[0] <= now
+            and not self._shunned(peer)
+        ]
+
     async def run(self) -> None:
         if not self._seeds:
-            return
+            return  # a node nobody told of others waits to be found (seeds, mDNS)
         while True:
             due = self.due()
             if due:
@@ -97,14 +133,53 @@ class Bootstrapper:
                 # walks dial the nodes they learn of): join through them. With enough
                 # of them no bootstrap dial is due, and the node never joined.
                 await self._refresh()
+            neighbours = self.neighbours_due()
+            if neighbours and self.joined.is_set():
+                await self._dial_neighbours(neighbours)
             # A lost connection wakes us at once; a backoff ending, by the deadline.
-            waiting = [s.next_dial for s in self._seeds if s.next_dial > trio.current_time()]
-            wake = min([*waiting, trio.current_time() + CHECK_INTERVAL])
+            now = trio.current_time()
+            waiting = [s.next_dial for s in self._seeds if s.next_dial > now]
+            waiting += [t for t, _ in self._neighbour_backoff.values() if t > now]
+            wake = min([*waiting, now + CHECK_INTERVAL])
             with trio.move_on_at(wake):
-                await self._host.changes.wait_until(lambda: bool(self.due()) or self._join_due())
+                await self._host.changes.wait_until(self._work_due)
+
+    def _work_due(self) -> bool:
+        if self.due() or self._join_due():
+            return True
+        return self.joined.is_set() and bool(self.neighbours_due())
 
     def _join_due(self) -> bool:
         return not self.joined.is_set() and bool(self._host.connected_peers())
+
+    async def _dial_neighbours(self, candidates: list[str]) -> None:
+        table = set(self._dht.routing_table_peers())
+        for gone in [p for p in self._neighbour_backoff if p not in table]:
+            del self._neighbour_backoff[gone]
+        wanted = MIN_PEERS - len(self._host.connected_peers())
+        chosen = random.sample(candidates, min(max(wanted, 0), len(candidates)))
+        async with trio.open_nursery() as nursery:
+            for peer in chosen:
+                nursery.start_soon(self._dial_neighbour, peer)
+
+    async def _dial_neighbour(self, peer: str) -> None:
+        try:
+            with trio.fail_after(DIAL_TIMEOUT):
+                await self._host.connect_peer(peer)
+        except _DIAL_ERRORS as exc:
+            delay = self._neighbour_backoff.get(peer, (0.0, BACKOFF_FIRST))[1]
+            self._neighbour_backoff[peer] = (
+                trio.current_time() + delay,
+                min(delay * 2, BACKOFF_MAX),
+            )
+            log.debug("routing-table peer %s unreachable (%s); retrying in %.0fs", peer, exc, delay)
+            self._host.changes.notify()
+            return
+        # Not again for a while even so: a peer over its high watermark prunes us.
+        self._neighbour_backoff[peer] = (trio.current_time() + REDIAL_AFTER, BACKOFF_FIRST)
+        self.neighbour_connects += 1
+        self._host.changes.notify()
+        log.debug("connected to routing-table peer %s (short of peers)", peer)
 
     async def _dial(self, seeds: list[_Seed]) -> None:
         connected: list[str] = []

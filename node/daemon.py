@@ -134,7 +134,11 @@ class Node:
         self.book.on_change = self.changes.notify
         self.dht = Dht(host, acl=self.acl, on_rejected=self._dht_record_rejected)
         self.bootstrap = Bootstrapper(
-            host, self.dht, config.network.bootstrap, self._on_bootstrap_peer
+            host,
+            self.dht,
+            config.network.bootstrap,
+            self._on_bootstrap_peer,
+            shunned=lambda peer: self.scores.is_banned(peer),
         )
         self.announcer = Announcer(
             host, self._on_announcement, acl=self.acl, on_rejected=self._gossip_record_rejected

@@ -826,6 +826,18 @@ class P2PHost:
             raise DialError(f"could not connect to {multiaddr}: {exc}") from exc
         return str(info.peer_id)
 
+    async def connect_peer(self, peer_id: str) -> None:
+        """Connect to a peer at the addresses the peerstore holds for it (a no-op when
+        connected); raises ``DialError``."""
+        peer = _parse_peer_id(peer_id)
+        if self._swarm.get_connections(peer):
+            return
+        self._swarm.forget_dial_failure(peer)
+        try:
+            await self.host.connect(self.host.get_peerstore().peer_info(peer))
+        except (BaseLibp2pError, OSError, KeyError) as exc:  # KeyError: unknown peer
+            raise DialError(f"could not connect to {peer_id}: {exc}") from exc
+
     async def disconnect(self, peer_id: str) -> None:
         await self.host.disconnect(_parse_peer_id(peer_id))
 
@@ -873,12 +885,7 @@ class P2PHost:
     async def open_stream(self, peer_id: str, protocol_id: str) -> Stream:
         """Open a stream, dialing the peer from the peerstore if not connected."""
         peer = _parse_peer_id(peer_id)
-        if not self._swarm.get_connections(peer):
-            self._swarm.forget_dial_failure(peer)
-            try:
-                await self.host.connect(self.host.get_peerstore().peer_info(peer))
-            except (BaseLibp2pError, OSError, KeyError) as exc:  # KeyError: unknown peer
-                raise DialError(f"could not connect to {peer_id}: {exc}") from exc
+        await self.connect_peer(peer_id)
         try:
             net_stream = await self.host.new_stream(peer, [TProtocol(protocol_id)])
         except (BaseLibp2pError, OSError) as exc:

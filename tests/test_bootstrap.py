@@ -35,28 +35,58 @@ async def test_bootstrap_peers_are_dialed_again_only_when_short_of_peers(
 ) -> None:
     """A seed prunes the connections of nodes that bootstrapped from it; a node with
     other peers must not dial straight back (at 100 nodes that storm kept newcomers
-    out), while one left alone must."""
+    out). One left alone dials its routing table first, and its seed when nobody in the
+    table answers."""
     monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)
     with trio.fail_after(30):
         async with (
             open_node(node_config(tmp_path, "seed")) as seed,
-            open_node(node_config(tmp_path, "other")) as other,
             open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
         ):
             await b.wait_until(lambda: b.bootstrap.connects == 1)
             await b.bootstrap.joined.wait()
-            await b.host.connect(other.host.listen_addrs[0])
+            async with open_node(node_config(tmp_path, "other")) as other:
+                await b.host.connect(other.host.listen_addrs[0])
+                assert await b.dht.add_peer(other.peer_id)
 
-            await seed.host.disconnect(b.peer_id)
-            await b.host.wait_connected(seed.peer_id, connected=False)
-            assert b.host.connected_peers() == [other.peer_id]
-            assert b.bootstrap.due() == []  # one peer is enough here
+                await seed.host.disconnect(b.peer_id)
+                await b.host.wait_connected(seed.peer_id, connected=False)
+                assert b.host.connected_peers() == [other.peer_id]
+                assert b.bootstrap.due() == []  # one peer is enough here
+                assert b.bootstrap.neighbours_due() == []
 
-            await b.host.disconnect(other.peer_id)
-            await b.host.wait_connected(other.peer_id, connected=False)
-            assert [s.peer for s in b.bootstrap.due()] == [seed.peer_id]
+                await b.host.disconnect(other.peer_id)
+                await b.wait_until(lambda: b.bootstrap.neighbour_connects == 1)
+                assert b.host.connected_peers() == [other.peer_id]
+                assert b.bootstrap.connects == 1
+            # Its one table peer is gone (and was just dialed): the seed is the fallback.
             await b.wait_until(lambda: b.bootstrap.connects == 2)
             assert b.host.is_connected(seed.peer_id)
+
+
+async def test_a_joined_node_left_with_its_seed_tops_up_from_its_routing_table(
+    tmp_path: Path,
+) -> None:
+    """Gossip travels on connections. In a 100-node swarm most joined nodes were left
+    holding one connection, to their seed, once their lookups' connections had closed:
+    with no mesh of their own, announcements never reached them."""
+    with trio.fail_after(60):
+        async with open_node(node_config(tmp_path, "seed")) as seed:
+            boot = seed.host.listen_addrs
+            async with (
+                open_node(node_config(tmp_path, "x1", boot)) as x1,
+                open_node(node_config(tmp_path, "x2", boot)) as x2,
+                open_node(node_config(tmp_path, "x3", boot)) as x3,
+                open_node(node_config(tmp_path, "b", boot)) as b,
+            ):
+                others = {x.peer_id for x in (x1, x2, x3)}
+                await b.bootstrap.joined.wait()
+                await b.wait_until(lambda: others <= set(b.dht.routing_table_peers()))
+                for peer in others:
+                    await b.host.disconnect(peer)
+                await b.wait_until(lambda: all(b.host.is_connected(p) for p in others))
+                assert b.bootstrap.connects == 1  # the seed was not dialed again
+                assert b.host.is_connected(seed.peer_id)
 
 
 async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
