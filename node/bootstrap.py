@@ -13,6 +13,8 @@ first (random peers, each with its own backoff), and falls back on the bootstrap
 only when the table has nobody left to dial. Connections are what gossip travels on:
 a joined node left holding only its seed (most of a 100-node swarm, once its lookups'
 connections were gone) had no mesh of its own, and announcements never reached it.
+The table itself is refreshed every `REFRESH_INTERVAL`, as in Kademlia, and sooner
+(backing off) while it is too thin to top up from.
 """
 
 from __future__ import annotations
@@ -45,6 +47,14 @@ REDIAL_AFTER = 30.0
 # no deadline): unbounded, a stalled walk held the node "not joined" and stopped it
 # dialing its bootstrap peers again.
 REFRESH_TIMEOUT = 120.0
+# Kademlia refreshes its buckets periodically (go-libp2p-kad-dht: every 10 min); the
+# library's own refresher is off (it comes with its random-walk auto-dialer).
+REFRESH_INTERVAL = 600.0
+# A table thinner than MIN_PEERS after a refresh is refreshed again soon, backing off:
+# a join whose lookups timed out on a busy seed (60 of 80 joining nodes at 100 in one
+# process) kept the seed alone in its table, and so could not top up its connections.
+THIN_RETRY_FIRST = 5.0
+THIN_RETRY_MAX = 300.0
 
 # What a failed dial raises varies with where it failed.
 _DIAL_ERRORS = (OSError, trio.TooSlowError, P2PError, trio.BrokenResourceError)
@@ -85,9 +95,12 @@ class Bootstrapper:
         self._shunned = shunned
         # Routing-table peers whose dial failed: peer -> (retry after, next delay).
         self._neighbour_backoff: dict[str, tuple[float, float]] = {}
+        self._next_refresh = float("inf")  # trio time; set by each refresh
+        self._thin_retry = THIN_RETRY_FIRST
         self.neighbour_connects = 0
         self.connects = 0
         self.failed_dials = 0
+        self.refreshes = 0
         self.refreshes_cut_short = 0
         self.joined = trio.Event()
 
@@ -133,12 +146,16 @@ class Bootstrapper:
                 # walks dial the nodes they learn of): join through them. With enough
                 # of them no bootstrap dial is due, and the node never joined.
                 await self._refresh()
+            elif self.joined.is_set() and trio.current_time() >= self._next_refresh:
+                await self._refresh()
             neighbours = self.neighbours_due()
             if neighbours and self.joined.is_set():
                 await self._dial_neighbours(neighbours)
-            # A lost connection wakes us at once; a backoff ending, by the deadline.
+            # A lost connection wakes us at once; a backoff or refresh falling due, by
+            # the deadline.
             now = trio.current_time()
             waiting = [s.next_dial for s in self._seeds if s.next_dial > now]
+            waiting.append(self._next_refresh)
             waiting += [t for t, _ in self._neighbour_backoff.values() if t > now]
             wake = min([*waiting, now + CHECK_INTERVAL])
             with trio.move_on_at(wake):
@@ -203,6 +220,13 @@ class Bootstrapper:
                 REFRESH_TIMEOUT,
                 self._dht.routing_table_size(),
             )
+        if self._dht.routing_table_size() < MIN_PEERS:
+            self._next_refresh = trio.current_time() + self._thin_retry
+            self._thin_retry = min(self._thin_retry * 2, THIN_RETRY_MAX)
+        else:
+            self._next_refresh = trio.current_time() + REFRESH_INTERVAL
+            self._thin_retry = THIN_RETRY_FIRST
+        self.refreshes += 1
         self.joined.set()
         self._host.changes.notify()
 

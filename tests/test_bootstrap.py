@@ -89,6 +89,42 @@ async def test_a_joined_node_left_with_its_seed_tops_up_from_its_routing_table(
                 assert b.host.is_connected(seed.peer_id)
 
 
+async def test_a_thin_routing_table_is_refreshed_again_backing_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Joining nodes whose lookups timed out on a busy seed (60 of 80 at 100 nodes in one
+    process) kept the seed alone in their tables, and nothing ever refreshed them."""
+    monkeypatch.setattr(node.bootstrap, "THIN_RETRY_FIRST", 0.2)
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "seed")) as seed,
+            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+        ):
+            await b.bootstrap.joined.wait()
+            assert b.dht.routing_table_size() < node.bootstrap.MIN_PEERS  # the seed alone
+            joined_at = trio.current_time()
+            await b.wait_until(lambda: b.bootstrap.refreshes >= 3)
+            # Then 0.2 s, then 0.4 s: backing off, not hammering the seed.
+            assert trio.current_time() - joined_at >= 0.2 + 0.4
+
+
+async def test_a_full_enough_routing_table_is_refreshed_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)
+    monkeypatch.setattr(node.bootstrap, "REFRESH_INTERVAL", 0.5)
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "seed")) as seed,
+            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+        ):
+            await b.bootstrap.joined.wait()
+            joined_at = trio.current_time()
+            await b.wait_until(lambda: b.bootstrap.refreshes >= 3)
+            assert trio.current_time() - joined_at >= 2 * 0.5
+            assert b.bootstrap.connects == 1  # refreshed, not re-joined
+
+
 async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -109,8 +145,8 @@ async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
             await b.bootstrap.joined.wait()
             assert b.bootstrap.refreshes_cut_short == 1
             await seed.host.disconnect(b.peer_id)
-            await b.wait_until(lambda: b.bootstrap.refreshes_cut_short == 2)
-            assert b.bootstrap.connects == 2
+            await b.wait_until(lambda: b.bootstrap.connects == 2)
+            await b.wait_until(lambda: b.bootstrap.refreshes_cut_short >= 2)
 
 
 async def test_a_node_reached_by_peers_before_its_seed_joins_through_them(
