@@ -203,8 +203,11 @@ class Bootstrapper:
         async with trio.open_nursery() as nursery:
             for seed in seeds:
                 nursery.start_soon(self._dial_one, seed, connected)
-        if connected:
-            # One refresh for the round: it is what finds the rest of the swarm.
+        if connected and (not self.joined.is_set() or self._dht.routing_table_size() < MIN_PEERS):
+            # One refresh for the round: it is what finds the rest of the swarm. A joined
+            # node with a table to top up from has its periodic refresh instead: nodes the
+            # seed pruned, redialing it and refreshing each time, kept a 100-node swarm
+            # busy with lookups.
             await self._refresh()
 
     async def _refresh(self) -> None:

@@ -125,6 +125,26 @@ async def test_a_full_enough_routing_table_is_refreshed_every_interval(
             assert b.bootstrap.connects == 1  # refreshed, not re-joined
 
 
+async def test_redialing_the_seed_does_not_refresh_a_table_that_is_full_enough(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A seed over its high watermark prunes idle connections; nodes that redialed it
+    and refreshed their whole table each time kept a 100-node swarm busy with lookups."""
+    monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)  # the seed alone is enough
+    with trio.fail_after(30):
+        async with (
+            open_node(node_config(tmp_path, "seed")) as seed,
+            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+        ):
+            await b.bootstrap.joined.wait()
+            assert b.bootstrap.refreshes == 1
+            for dials in (2, 3):
+                await seed.host.disconnect(b.peer_id)
+                await b.wait_until(lambda n=dials: b.bootstrap.connects == n)
+            # The third dial came after the second's round was over, refresh or not.
+            assert b.bootstrap.refreshes == 1
+
+
 async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
