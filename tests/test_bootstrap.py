@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
 
 import node.bootstrap
-from node.daemon import open_node
+from node.daemon import Node, open_node
 from node.dht import Dht
 from node.testing import node_config
+
+
+@asynccontextmanager
+async def _joined_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """A seed, and a node that bootstrapped from it and has joined."""
+    async with (
+        open_node(node_config(tmp_path, "seed")) as seed,
+        open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
+    ):
+        await b.bootstrap.joined.wait()
+        yield seed, b
 
 
 async def test_a_bootstrap_peer_that_comes_up_late_is_reached(tmp_path: Path) -> None:
@@ -96,11 +109,7 @@ async def test_a_thin_routing_table_is_refreshed_again_backing_off(
     process) kept the seed alone in their tables, and nothing ever refreshed them."""
     monkeypatch.setattr(node.bootstrap, "THIN_RETRY_FIRST", 0.2)
     with trio.fail_after(30):
-        async with (
-            open_node(node_config(tmp_path, "seed")) as seed,
-            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
-        ):
-            await b.bootstrap.joined.wait()
+        async with _joined_pair(tmp_path) as (_seed, b):
             assert b.dht.routing_table_size() < node.bootstrap.MIN_PEERS  # the seed alone
             joined_at = trio.current_time()
             await b.wait_until(lambda: b.bootstrap.refreshes >= 3)
@@ -114,11 +123,7 @@ async def test_a_full_enough_routing_table_is_refreshed_every_interval(
     monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)
     monkeypatch.setattr(node.bootstrap, "REFRESH_INTERVAL", 0.5)
     with trio.fail_after(30):
-        async with (
-            open_node(node_config(tmp_path, "seed")) as seed,
-            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
-        ):
-            await b.bootstrap.joined.wait()
+        async with _joined_pair(tmp_path) as (_seed, b):
             joined_at = trio.current_time()
             await b.wait_until(lambda: b.bootstrap.refreshes >= 3)
             assert trio.current_time() - joined_at >= 2 * 0.5
@@ -132,11 +137,7 @@ async def test_redialing_the_seed_does_not_refresh_a_table_that_is_full_enough(
     and refreshed their whole table each time kept a 100-node swarm busy with lookups."""
     monkeypatch.setattr(node.bootstrap, "MIN_PEERS", 1)  # the seed alone is enough
     with trio.fail_after(30):
-        async with (
-            open_node(node_config(tmp_path, "seed")) as seed,
-            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
-        ):
-            await b.bootstrap.joined.wait()
+        async with _joined_pair(tmp_path) as (seed, b):
             assert b.bootstrap.refreshes == 1
             for dials in (2, 3):
                 await seed.host.disconnect(b.peer_id)
@@ -158,11 +159,7 @@ async def test_a_join_whose_refresh_stalls_still_ends_and_keeps_dialing(
     monkeypatch.setattr(node.bootstrap, "REFRESH_TIMEOUT", 0.5)
     monkeypatch.setattr(Dht, "refresh", stalls)
     with trio.fail_after(30):
-        async with (
-            open_node(node_config(tmp_path, "seed")) as seed,
-            open_node(node_config(tmp_path, "b", seed.host.listen_addrs)) as b,
-        ):
-            await b.bootstrap.joined.wait()
+        async with _joined_pair(tmp_path) as (seed, b):
             assert b.bootstrap.refreshes_cut_short == 1
             await seed.host.disconnect(b.peer_id)
             await b.wait_until(lambda: b.bootstrap.connects == 2)
