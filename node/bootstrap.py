@@ -93,9 +93,11 @@ class Bootstrapper:
         self._seeds = [_Seed(addr, addr.rsplit("/p2p/", 1)[-1]) for addr in addrs]
         self._on_connected = on_connected
         self._shunned = shunned
-        # Routing-table peers whose dial failed: peer -> (retry after, next delay).
+        # Routing-table peers dialed lately: peer -> (not before, delay after a failure).
         self._neighbour_backoff: dict[str, tuple[float, float]] = {}
-        self._next_refresh = float("inf")  # trio time; set by each refresh
+        # Trio times of the last refresh's end and of the next one; set by each refresh.
+        self.refreshed_at = -float("inf")
+        self.next_refresh = float("inf")
         self._thin_retry = THIN_RETRY_FIRST
         self.neighbour_connects = 0
         self.connects = 0
@@ -146,7 +148,7 @@ class Bootstrapper:
                 # walks dial the nodes they learn of): join through them. With enough
                 # of them no bootstrap dial is due, and the node never joined.
                 await self._refresh()
-            elif self.joined.is_set() and trio.current_time() >= self._next_refresh:
+            elif self.joined.is_set() and trio.current_time() >= self.next_refresh:
                 await self._refresh()
             neighbours = self.neighbours_due()
             if neighbours and self.joined.is_set():
@@ -155,16 +157,16 @@ class Bootstrapper:
             # the deadline.
             now = trio.current_time()
             waiting = [s.next_dial for s in self._seeds if s.next_dial > now]
-            waiting.append(self._next_refresh)
+            waiting.append(self.next_refresh)
             waiting += [t for t, _ in self._neighbour_backoff.values() if t > now]
             wake = min([*waiting, now + CHECK_INTERVAL])
             with trio.move_on_at(wake):
                 await self._host.changes.wait_until(self._work_due)
 
     def _work_due(self) -> bool:
-        if self.due() or self._join_due():
+        if self._join_due() or (self.joined.is_set() and self.neighbours_due()):
             return True
-        return self.joined.is_set() and bool(self.neighbours_due())
+        return bool(self.due())
 
     def _join_due(self) -> bool:
         return not self.joined.is_set() and bool(self._host.connected_peers())
@@ -215,19 +217,20 @@ class Bootstrapper:
             try:
                 await self._dht.refresh()
             except Exception as exc:  # the library's lookups raise what they like
-                log.info("routing table refresh after bootstrap failed: %r", exc)
+                log.info("routing table refresh failed: %r", exc)
         if deadline.cancelled_caught:
             self.refreshes_cut_short += 1
             log.info(
-                "routing table refresh after bootstrap cut short after %.0fs: %d peers known",
+                "routing table refresh cut short after %.0fs: %d peers known",
                 REFRESH_TIMEOUT,
                 self._dht.routing_table_size(),
             )
+        self.refreshed_at = trio.current_time()
         if self._dht.routing_table_size() < MIN_PEERS:
-            self._next_refresh = trio.current_time() + self._thin_retry
+            self.next_refresh = self.refreshed_at + self._thin_retry
             self._thin_retry = min(self._thin_retry * 2, THIN_RETRY_MAX)
         else:
-            self._next_refresh = trio.current_time() + REFRESH_INTERVAL
+            self.next_refresh = self.refreshed_at + REFRESH_INTERVAL
             self._thin_retry = THIN_RETRY_FIRST
         self.refreshes += 1
         self.joined.set()
