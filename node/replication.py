@@ -82,6 +82,12 @@ PEER_ERRORS = (P2PError, ReplicateError, trio.BrokenResourceError, trio.TooSlowE
 SILENT_PROBES = 3
 # An accepted request counts as a copy for this long while the target fetches it.
 PENDING_MIN = 60.0
+# A candidate's status (free space, load, tags) is reused for this long: it changes
+# slowly, and asking every peer again would put a round trip before every heal.
+STATUS_TTL = 30.0
+# Once enough candidates have answered, the rest get as long again as that took (at
+# least this long) before placement goes ahead with whoever answered.
+GATHER_GRACE_MIN = 0.05
 
 
 @dataclass(slots=True)
@@ -157,6 +163,7 @@ class ReplicationManager:
         self._entries_key: tuple[tuple[str, str], ...] = ()
         self._entries_at = 0.0
         self._chunk_ids: dict[str, list[bytes]] = {}  # blob -> its chunk ids, for sampling
+        self._statuses: dict[str, tuple[float, Status]] = {}  # peer -> (when, status)
         # For the benchmark and tests: when the last replication request was sent.
         self.requests_sent = 0
         self.last_request_at: float | None = None
@@ -332,10 +339,17 @@ class ReplicationManager:
                 del self._views[name]
         # Higher priority first, so a short worker pool heals the important models first.
         self._urgent.clear()
-        for _, _, view, due in sorted(work, key=lambda w: (not w[0], -w[1])):
+        for urgent, _, view, due in sorted(work, key=lambda w: (not w[0], -w[1])):
             if due:
                 self._last_enforced[view.name] = trio.current_time()
-                await self._discover(view)
+                async with trio.open_nursery() as nursery:
+                    if urgent:
+                        # A policy just set will likely place copies: the candidates'
+                        # statuses are asked during the DHT lookup, not after it, and
+                        # whoever has not answered when it ends is asked again by _heal.
+                        nursery.start_soon(self._warm_statuses, view)
+                    await self._discover(view)
+                    nursery.cancel_scope.cancel()
             await self._probe_all(view)
             await self._act(view, enforcing=due)
         self.node.changes.notify()
@@ -490,43 +504,77 @@ class ReplicationManager:
         needed = policy.replication_factor - count
         await self._heal(view, policy, needed)
 
-    async def _heal(self, view: ModelView, policy: Policy, needed: int) -> None:
-        me = self.node.peer_id
-        exclude = set(view.holders) | set(view.pending) | {me}
+    def _candidates(self) -> list[str]:
+        """Peers that could be asked to hold a copy: connected ones and the DHT's."""
         peers = set(self.node.host.connected_peers()) | set(self.node.dht.routing_table_peers())
-        statuses: dict[str, Status] = {}
+        peers.discard(self.node.peer_id)
+        return sorted(peers)
 
-        async def ask_status(peer: str) -> None:
+    async def _candidate_statuses(
+        self, view: ModelView, peers: list[str], needed: int
+    ) -> dict[str, Status]:
+        """The statuses of ``peers``: fresh cached ones, and the answers of the rest.
+
+        Each asked peer gets health_check_timeout. Once ``needed`` have answered, the
+        others get as long again as that took (at least `GATHER_GRACE_MIN`): placement
+        ranks every peer that answers promptly without waiting on a slow one. While too
+        few have answered, the slow ones are waited for (up to 5 s each).
+        """
+        now = trio.current_time()
+        statuses = {
+            p: status
+            for p in peers
+            if (cached := self._statuses.get(p)) is not None and now - cached[0] < STATUS_TTL
+            for status in (cached[1],)
+        }
+        asked = [p for p in peers if p not in statuses]
+        enough, answered = trio.Event(), trio.Event()
+        replies = 0
+
+        def settle() -> None:
+            if len(statuses) >= needed:
+                enough.set()
+            if replies == len(asked):
+                enough.set()
+                answered.set()
+
+        async def ask(peer: str) -> None:
+            nonlocal replies
             try:
                 async with open_replicate_client(
                     self.node.host, peer, timeout=max(self.config.health_check_timeout, 5.0)
                 ) as client:
-                    statuses[peer] = await client.status()
+                    status = await client.status()
+                statuses[peer] = status
+                self._statuses[peer] = (trio.current_time(), status)
             except PEER_ERRORS as exc:
                 log.info("model %s: candidate %s gave no status (%s)", view.display, peer, exc)
-
-        asked = sorted(peers - exclude)
-        answered = trio.Event()
-        if not asked:
-            answered.set()
-        replies = 0
-
-        async def ask(peer: str) -> None:
-            nonlocal replies
-            await ask_status(peer)
             replies += 1
-            if replies == len(asked):
-                answered.set()
+            settle()
 
+        settle()
+        started = trio.current_time()
         async with trio.open_nursery() as nursery:
             for peer in asked:
                 nursery.start_soon(ask, peer)
-            # Every candidate gets health_check_timeout; slower ones are waited for (up
-            # to 5 s) only while too few have answered to place the copies.
             with trio.move_on_after(self.config.health_check_timeout):
-                await answered.wait()
+                await enough.wait()
+                took = trio.current_time() - started
+                with trio.move_on_after(max(took, GATHER_GRACE_MIN)):
+                    await answered.wait()
             if len(statuses) >= needed:
                 nursery.cancel_scope.cancel()
+        return statuses
+
+    async def _warm_statuses(self, view: ModelView) -> None:
+        """Fill the status cache from every candidate that answers (until cancelled)."""
+        peers = self._candidates()
+        await self._candidate_statuses(view, peers, len(peers))
+
+    async def _heal(self, view: ModelView, policy: Policy, needed: int) -> None:
+        exclude = set(view.holders) | set(view.pending)
+        asked = [p for p in self._candidates() if p not in exclude]
+        statuses = await self._candidate_statuses(view, asked, needed)
         candidates = [Candidate(p, s.tags, s.free, s.load) for p, s in statuses.items()]
         ranked = placement(view.name, view.size, policy, candidates)
         if not ranked:
@@ -582,6 +630,7 @@ class ReplicationManager:
                 reply = await client.replicate(request)
         except PEER_ERRORS as exc:
             log.info("model %s: replication request to %s failed (%s)", view.display, peer, exc)
+            self._statuses.pop(peer, None)
             return None
         log.info(
             "model %s: peer %s answered %s%s",

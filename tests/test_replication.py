@@ -23,6 +23,7 @@ from node.daemon import Node, model_key, open_node
 from node.p2p import KAD_PROTOCOL_ID, Stream, open_host
 from node.replication_policy import Policy, PolicyDefaults, parse_policy
 from node.testing import node_config
+from protocols.replicate import Status
 from storage.names import parse_model_name
 from tests.conftest import MakeModel, clean_env, dmm
 
@@ -185,6 +186,44 @@ async def test_refusals_give_their_reason(tmp_path: Path, make_model: MakeModel)
         # The node is still up and answering after the refusals.
         async with httpx.AsyncClient(base_url=b.api_urls[0], timeout=10) as api:
             assert (await api.get("/api/health")).status_code == 200
+
+
+async def test_a_candidate_slow_to_give_its_status_does_not_hold_up_placement(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """Placement asks every candidate for its status, but once enough have answered it
+    goes ahead with them: a copy is requested while one candidate's status is still
+    outstanding. (It used to wait for every candidate, up to health_check_timeout, here
+    a minute: one stuck peer delayed every heal.)"""
+    patient = (
+        '[replication]\nhealth_check_interval = "60s"\nhealth_check_timeout = "60s"\n'
+        'policy_enforcement_interval = "3s"\n'
+    )
+    async with _swarm(tmp_path, [patient] * 3) as (origin, quick, stuck):
+        await _add(origin, make_model)
+        asked, release, gave_up = trio.Event(), trio.Event(), trio.Event()
+        answer_status = stuck.replication.target.answer_status
+
+        async def stalled(peer_id: str) -> Status:
+            asked.set()
+            try:
+                await release.wait()
+            finally:
+                # The server's answer deadline cancels us: the exchange is over.
+                if not release.is_set():
+                    gave_up.set()
+            return await answer_status(peer_id)
+
+        stuck.replication.target.answer_status = stalled  # type: ignore[method-assign]
+        policy = {"glob": "replicated*", "min_replicas": 2}
+        await origin.replication.set_replication_policy(parse_policy(policy, PolicyDefaults()))
+        with trio.fail_after(30):
+            await asked.wait()
+            await quick.wait_until(lambda: _holds(quick))
+        # Placed while the stalled status request was still outstanding.
+        assert not gave_up.is_set()
+        assert not _holds(stuck)
+        release.set()
 
 
 async def _never_answer(stream: Stream) -> None:
