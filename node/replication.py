@@ -521,12 +521,9 @@ class ReplicationManager:
         few have answered, the slow ones are waited for (up to 5 s each).
         """
         now = trio.current_time()
-        statuses = {
-            p: status
-            for p in peers
-            if (cached := self._statuses.get(p)) is not None and now - cached[0] < STATUS_TTL
-            for status in (cached[1],)
-        }
+        # Expired entries go, so peers long gone do not pile up in a long-running node.
+        self._statuses = {p: e for p, e in self._statuses.items() if now - e[0] < STATUS_TTL}
+        statuses = {p: self._statuses[p][1] for p in peers if p in self._statuses}
         asked = [p for p in peers if p not in statuses]
         enough, answered = trio.Event(), trio.Event()
         replies = 0
