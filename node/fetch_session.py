@@ -66,9 +66,15 @@ CLOSE_GRACE = 2.0
 # the same blob): first after this long, backing off to REASK_MAX while it gains nothing.
 REASK_MIN = 0.5
 REASK_MAX = 4.0
-# How often ``discover`` is asked for more providers during a fetch, backing off.
-DISCOVER_MIN = 1.0
+# ``discover`` (a DHT walk: the costliest thing a puller does besides moving bytes) is
+# asked for more providers as a Bitswap session asks: when the fetch starts, then when no
+# chunk has arrived for DISCOVER_IDLE (doubling to DISCOVER_MAX while lookups find no one
+# new), and every DISCOVER_PERIOD regardless, so a long fetch still meets pullers that
+# started after it. While chunks flow, and holders name the other pullers (Elsewhere),
+# polling it found no one and cost a swarm of 8 pullers half its time.
+DISCOVER_IDLE = 1.0
 DISCOVER_MAX = 8.0
+DISCOVER_PERIOD = 30.0
 # Peers one fetch talks to at most: discovery and Elsewhere replies add no more.
 MAX_SESSION_PEERS = 64
 # A peer named in an Elsewhere may not have verified the chunk yet when we ask: asked
@@ -236,6 +242,7 @@ class FetchSession:
         # How many active peers have each unit. Rarest first means the first holder is
         # asked for what only it has, while pullers trade what they already got.
         self.avail: collections.Counter[int] = collections.Counter()
+        self.last_block = 0.0  # when the latest block arrived, or the fetch started
 
     # ---------------------------------------------------------------- running
 
@@ -245,6 +252,7 @@ class FetchSession:
         if not self.peers:
             log.warning("blob %s of %s: no provider to ask", self.digest, self.model)
             return self._stuck_indices()
+        self.last_block = trio.current_time()
         async with trio.open_nursery() as outer:
             outer.start_soon(self._flusher)
             # Writes outlive the peer that sent them: a good chunk from a peer that
@@ -534,25 +542,36 @@ class FetchSession:
             await self._wait_changed()
 
     async def _discoverer(self) -> None:
-        """Asks ``discover`` for more providers now and then, and starts the new ones."""
+        """Asks ``discover`` for more providers (see DISCOVER_IDLE) and starts the new ones."""
         assert self.discover is not None and self._peer_nursery is not None
-        # The first lookup starts with the fetch: the caller no longer waits for it.
-        delay = 0.0
+        idle_for = DISCOVER_IDLE
+        last: float | None = None  # when the latest lookup ended; the first is at once
         while not self.finished.is_set():
-            with trio.move_on_after(delay):
-                await self.finished.wait()
-            if self.finished.is_set():
-                return
-            delay = min(max(delay * 2, DISCOVER_MIN), DISCOVER_MAX)
+            if last is not None:
+                # Each chunk that arrives pushes the next lookup back, so this wakes at
+                # most once per `idle_for` while chunks flow.
+                while (due := self._discover_due(last, idle_for)) > trio.current_time():
+                    with trio.move_on_at(due):
+                        await self.finished.wait()
+                    if self.finished.is_set():
+                        return
+            found: Sequence[str] = ()
             try:
                 found = await self.discover()
             except Exception as exc:  # discovery is an extra; the fetch goes on without
                 log.info("blob %s: looking for more providers failed: %s", self.digest, exc)
-                continue
+            last = trio.current_time()
             known = {p.peer_id for p in self.peers}
-            for peer_id in dict.fromkeys(found):
-                if peer_id not in known and self._join(peer_id, "found as a provider"):
-                    delay = DISCOVER_MIN
+            joined = [
+                peer_id
+                for peer_id in dict.fromkeys(found)
+                if peer_id not in known and self._join(peer_id, "found as a provider")
+            ]
+            idle_for = DISCOVER_IDLE if joined else min(idle_for * 2, DISCOVER_MAX)
+
+    def _discover_due(self, last: float, idle_for: float) -> float:
+        """When the next lookup is due, the latest one having ended at ``last``."""
+        return min(last + DISCOVER_PERIOD, max(last, self.last_block) + idle_for)
 
     def _join(self, peer_id: str, why: str) -> _Peer | None:
         """Start fetching from one more peer, unless it is us, failed, banned or too many."""
@@ -706,6 +725,7 @@ class FetchSession:
         # request and the previous arrival, not since its request alone.
         seconds = now - max(sent, peer.last_arrival)
         peer.last_arrival = now
+        self.last_block = now
         peer.writing += 1
         assert self._writes is not None
         self._writes.start_soon(self._land, peer, unit, block.data, seconds)

@@ -14,8 +14,9 @@ its sha256 checked):
    it has first (fewest peers holding it), ties in an order of this node's own.
    Swarming: a peer that lacks chunks we need is asked again what it has (it may be
    fetching the same blob and serving what it got, see ``live``), and ``discover`` is
-   polled for new providers; so nodes pulling one model at once trade chunks, and the
-   first holder uploads it about once rather than once per puller.
+   asked for new providers as the fetch starts, when no chunk has come for a while, and
+   every 30 s; so nodes pulling one model at once trade chunks, and the first holder
+   uploads it about once rather than once per puller.
 4. Every arriving chunk is hashed and written in a worker thread (``write_chunk``). A bad
    one is a strike against its peer (``PeerScores.bad``) and goes back to the queue; the
    strike that bans a peer also disconnects it. A request with no answer (and nothing

@@ -283,6 +283,68 @@ async def test_chunks_that_time_out_are_fetched_from_another_peer(tmp_path: Path
         assert result.bytes_by_peer == {fast_id: blob.size}
 
 
+class Lookups:
+    """A ``discover`` that records when it is called and answers from ``answers``."""
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.calls: list[float] = []
+
+    async def __call__(self) -> list[str]:
+        self.calls.append(trio.current_time())
+        return self.answers[min(len(self.calls), len(self.answers)) - 1]
+
+
+async def test_providers_are_looked_up_once_while_chunks_flow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle means no chunk for 3 s here; the rate-limited holder sends one far more often.
+    monkeypatch.setattr("node.fetch_session.DISCOVER_IDLE", 3.0)
+    gguf = tmp_path / "small.gguf"
+    generate_model(gguf, 8 * MiB, seed=5)
+    with new_store(tmp_path, "holder") as held, new_store(tmp_path, "puller") as store:
+        blob = hold(held, "small:latest", gguf)
+        provider = BlockProvider(held, PeerScores(), rate_limit=2 * MiB)
+        lookups = Lookups([])
+        with trio.fail_after(60):
+            async with swarm([provider]) as (puller, holders):
+                started = trio.current_time()
+                result = await fetch(puller, store, PeerScores(), blob, holders, discover=lookups)
+                took = trio.current_time() - started
+        assert await trio.to_thread.run_sync(sha256_of, result.path) == blob.digest
+        # Polling every few seconds, as before, asked the DHT 3 times in a 4 s fetch.
+        assert len(lookups.calls) == 1, f"{len(lookups.calls)} lookups in a {took:.1f} s fetch"
+        assert lookups.calls[0] - started < 1.0  # the first goes out with the fetch
+
+
+async def test_a_starved_fetch_looks_for_providers_and_uses_the_one_found(
+    tmp_path: Path,
+) -> None:
+    gguf = tmp_path / "small.gguf"
+    generate_model(gguf, 8 * MiB, seed=6)
+    stores = [new_store(tmp_path, f"holder{i}") for i in range(2)]
+    with new_store(tmp_path, "puller") as store:
+        blob, _ = (hold(s, "small:latest", gguf) for s in stores)
+        stalling = StallingProvider(stores[0], PeerScores())
+        with trio.fail_after(60):
+            async with swarm([stalling, BlockProvider(stores[1], PeerScores())]) as (
+                puller,
+                (slow, fast),
+            ):
+                # The fast holder is not known as the fetch starts; a later lookup finds it.
+                lookups = Lookups([], [fast.peer_id])
+                result = await fetch(
+                    puller, store, PeerScores(), blob, [slow], discover=lookups, window=2,
+                    chunk_timeout=30,
+                )  # fmt: skip
+        for s in stores:
+            s.close()
+        assert await trio.to_thread.run_sync(sha256_of, result.path) == blob.digest
+        assert len(lookups.calls) >= 2
+        # The stalling holder has 2 chunks in flight at a time, 2 s each: the rest is free.
+        assert result.bytes_by_peer.get(fast.peer_id, 0) > 0
+
+
 async def test_delta_fetches_only_the_chunks_the_old_version_lacks(
     tmp_path: Path, big_gguf: Path
 ) -> None:
