@@ -458,7 +458,11 @@ class _ServedStream:
             # sees what went out meanwhile.
             if provider.seeder is not None:
                 peers = provider.seeder.elsewhere(
-                    self.peer, want.blob_digest, want.chunk_id, trio.current_time()
+                    self.peer,
+                    want.blob_digest,
+                    want.chunk_id,
+                    trio.current_time(),
+                    length=want.length,
                 )
                 if peers:
                     if await self._send(Elsewhere(want.request_id, peers)):

@@ -29,6 +29,11 @@ __all__ = ["SuperSeeder"]
 # (the bytes may sit in buffers; it verifies before serving): a client asks it again a few
 # times before coming back to us (node/transfer.py).
 DEFAULT_MIN_AGE = 0.5
+# Chunks smaller than this are always served: the Elsewhere reply, and the client's round
+# trips to the peers it names (which may not have checked the chunk yet, and answer
+# DontHave until they have), cost more than the chunk. A model's config blob is one
+# such chunk of a few hundred bytes, and a swarm of 8 spent seconds on it.
+MIN_REDIRECT_BYTES = 64 * 1024
 # A peer that asked for a block of the blob this recently is still fetching it.
 DEFAULT_ACTIVE_FOR = 10.0
 # Blobs tracked at once (least recently used go first), hints kept per blob, and
@@ -86,10 +91,15 @@ class SuperSeeder:
             self._blobs.move_to_end(digest)
         return blob
 
-    def elsewhere(self, peer: str, digest: str, chunk_id: bytes, now: float) -> tuple[str, ...]:
-        """Peers to send ``peer`` to for this chunk, or ``()`` to serve it now."""
+    def elsewhere(
+        self, peer: str, digest: str, chunk_id: bytes, now: float, *, length: int
+    ) -> tuple[str, ...]:
+        """Peers to send ``peer`` to for this chunk of ``length`` bytes, or ``()`` to
+        serve it now."""
         blob = self._blob(digest)
         blob.fetchers[peer] = now
+        if length < MIN_REDIRECT_BYTES:
+            return ()
         if (peer, chunk_id) in blob.hinted or len(blob.hinted) >= self.max_hints:
             return ()
         if self._fetching(blob, now) < 2:  # no contention: one puller gets everything from us

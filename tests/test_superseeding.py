@@ -27,7 +27,9 @@ class NamesOnePeer(SuperSeeder):
         self.target = ""
         self.asked: set[tuple[str, bytes]] = set()
 
-    def elsewhere(self, peer: str, digest: str, chunk_id: bytes, now: float) -> tuple[str, ...]:
+    def elsewhere(
+        self, peer: str, digest: str, chunk_id: bytes, now: float, *, length: int
+    ) -> tuple[str, ...]:
         if (peer, chunk_id) in self.asked:
             return ()
         self.asked.add((peer, chunk_id))
