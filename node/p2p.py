@@ -68,8 +68,9 @@ The Kademlia DHT (`KadDht`, a ``KadDHT`` with these handled):
     bytes, so the library's closest-peer lookup for a longer text key (every
     ``/dmm/version/`` key) never leaves the local routing table: `KadDht` walks values
     with ``GET_VALUE``, whose answers name closer peers (and their addresses) too.
-    ``GET_PROVIDERS`` answers drop the closer peers' addresses, so provider lookups
-    (multihash keys, fine for ``FIND_NODE``) find the closest peers first.
+    ``GET_PROVIDERS`` answers drop the closer peers' addresses, so a provider lookup
+    (multihash keys, fine for ``FIND_NODE``) that is named peers it cannot dial finds
+    the closest peers first and walks again from them.
 
 Found later, in Yamux over Noise:
 
@@ -181,7 +182,7 @@ from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.peer.peerstore import PeerStore
+from libp2p.peer.peerstore import PeerStore, PeerStoreError
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
@@ -1218,7 +1219,12 @@ class KadDht(KadDHT):
 
         add(self.provider_store.get_providers(key))
 
+        undialable: set[ID] = set()  # named as closer, with no address we know
+
         async def ask(peer: ID) -> list[ID]:
+            if not self._dialable(peer):
+                undialable.add(peer)
+                return []
             store = self.provider_store
             providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             for provider in providers:
@@ -1226,11 +1232,27 @@ class KadDht(KadDHT):
             add(providers)
             return closer
 
+        def enough() -> bool:
+            return len(found) >= count
+
         with trio.move_on_after(timeout):
-            # GET_PROVIDERS answers drop the closer peers' addresses: find them first.
-            seed = await self.peer_routing.find_closest_peers_network(key)
-            await self._walk(key, ask, lambda: len(found) >= count, seed)
+            # From the routing table first, as Kademlia does. Only peers named without an
+            # address (defect 19) need the FIND_NODE walk that finds them, and a second
+            # walk from there; in a network this node already knows whole, none are, and
+            # the lookup costs one walk rather than two.
+            asked = await self._walk(key, ask, enough)
+            if undialable and not enough():
+                seed = await self.peer_routing.find_closest_peers_network(key)
+                await self._walk(key, ask, enough, seed, skip=set(asked) - undialable)
         return list(found.values())
+
+    def _dialable(self, peer: ID) -> bool:
+        if peer in self.host.get_connected_peers():
+            return True
+        try:
+            return bool(self.host.get_peerstore().addrs(peer))
+        except PeerStoreError:
+            return False
 
     # ------------------------------------------------------------------- values
 
@@ -1316,19 +1338,21 @@ class KadDht(KadDHT):
         ask: Callable[[ID], Awaitable[list[ID]]],
         done: Callable[[], bool],
         seed: Iterable[ID] = (),
+        skip: Iterable[ID] = (),
     ) -> list[ID]:
         """Ask the peers closest to `key`, `ALPHA` at a time, learning closer peers from
         each answer, until `done()` or the `BUCKET_SIZE` closest known were all asked.
 
         Starts from `seed`, the routing table and the connected peers, and walks with
-        the operation's own request (defect 19). Returns the peers asked, closest first.
+        the operation's own request (defect 19); peers in `skip` (asked already) count as
+        asked. Returns the peers asked, closest first.
         """
         known = list(dict.fromkeys(seed))
         local = self.routing_table.find_local_closest_peers(key, BUCKET_SIZE)
         for peer in [*local, *self.host.get_connected_peers()]:
             if peer not in known:
                 known.append(peer)
-        asked: set[ID] = set()
+        asked: set[ID] = set(skip)
         rounds = 0
 
         async def ask_one(peer: ID) -> None:

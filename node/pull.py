@@ -335,6 +335,9 @@ async def _fetch_layer(
         raise PullError(
             f"peers describe blob {layer.digest} as {size} bytes, the manifest says {layer.size}"
         )
+    # A blob of one chunk (a config) has nothing to trade before it is whole: the DHT
+    # walks that join a swarm would cost more than fetching it.
+    swarm = lookup and len({c.digest for c in chunks}) > 1
     done = 0
     finished = trio.Event()
 
@@ -369,7 +372,7 @@ async def _fetch_layer(
     with plain_pull_errors():
         async with trio.open_nursery() as nursery:
             nursery.start_soon(report)
-            if lookup:
+            if swarm:
                 nursery.start_soon(provide)
             try:
                 result = await fetch_blob(
@@ -383,7 +386,7 @@ async def _fetch_layer(
                     providers=sources,
                     on_progress=on_progress,
                     live=node.live_chunks,
-                    discover=discover if lookup else None,
+                    discover=discover if swarm else None,
                     reuse_local=reuse_local,
                 )
             except TransferError as exc:

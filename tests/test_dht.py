@@ -162,6 +162,31 @@ async def test_three_hops_find_provider_and_version() -> None:
             assert d.peer_id in a.dht.routing_table_peers()
 
 
+async def test_a_provider_lookup_in_a_network_known_whole_is_one_walk() -> None:
+    """Peers named without an address need a FIND_NODE walk first; when the routing table
+    holds every peer, none are, and the lookup does not make that walk (it did, always)."""
+    with trio.fail_after(30):
+        async with dht_nodes(4) as nodes:
+            hub, provider, *_, finder = nodes
+            for node in nodes[1:]:
+                await link(node, hub)
+            for node in nodes:
+                await node.dht.refresh()
+            assert await provider.dht.provide("/dmm/model/known")
+            routing = finder.dht._kad.peer_routing
+            closest_walks = 0
+            library_walk = routing.find_closest_peers_network
+
+            async def counted(key: bytes, count: int = 20) -> list[object]:
+                nonlocal closest_walks
+                closest_walks += 1
+                return await library_walk(key, count)
+
+            routing.find_closest_peers_network = counted  # type: ignore[method-assign]
+            assert ids(await finder.dht.find_providers("/dmm/model/known")) == [provider.peer_id]
+            assert closest_walks == 0
+
+
 class AcceptAnything(Validator):
     def validate(self, key: str, value: bytes) -> None:
         pass
