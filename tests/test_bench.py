@@ -146,9 +146,12 @@ def test_quick_swarm_run_builds_a_shaped_lan_and_leaves_nothing_behind(tmp_path:
     assert done.returncode == 0, done.stderr
     figures = {f["name"]: f for f in json.loads(out.read_text())["figures"]}
     assert set(figures) == {
+        "one dmm pull alone",
         "N=2: all have the model",
         "N=2: all have it, vs one download",
         "N=2: holder upload",
+        "N=2: node CPU per puller",
+        "N=2: all have it, vs CPU-bound floor",
     }
     for fig in figures.values():
         assert set(fig) == FIGURE_KEYS and fig["bench"] == "swarm", fig
@@ -156,6 +159,9 @@ def test_quick_swarm_run_builds_a_shaped_lan_and_leaves_nothing_behind(tmp_path:
         assert fig["better"] == "lower"
     # The registry case sends the model once per puller (plus headers).
     assert figures["N=2: holder upload"]["baseline_value"] >= 2.0
+    # CPU can only be the floor of the time if it is measured: a whole node process runs
+    # Noise, Yamux and sha256 for every byte of a 4 MiB pull.
+    assert figures["N=2: node CPU per puller"]["baseline_value"] > 0.05
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
     assert "dmmlab" not in left.stdout
 
