@@ -106,6 +106,17 @@ class Bootstrapper:
         self.refreshes_cut_short = 0
         self.joined = trio.Event()
 
+    async def wait_joined(self, timeout: float) -> bool:
+        """Wait until the node has joined the network through its bootstrap peers (its
+        first routing-table refresh after connecting), for up to ``timeout`` seconds: a
+        DHT lookup made before then, by a node just started, finds no one. True at once
+        for a node with no bootstrap peers."""
+        if not self._seeds:
+            return True
+        with trio.move_on_after(timeout):
+            await self.joined.wait()
+        return self.joined.is_set()
+
     def short_of_peers(self) -> bool:
         return len(self._host.connected_peers()) < MIN_PEERS
 

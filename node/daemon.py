@@ -59,6 +59,10 @@ from storage.store import ModelStore
 
 log = logging.getLogger("dmm.node")
 
+# A node just started looks up holders only once it has joined through its bootstrap
+# peers, waiting at most this long (a lookup before then asks no one).
+JOIN_WAIT = 10.0
+
 
 def model_key(name: ModelName) -> str:
     return f"/dmm/model/{display_name(name.full)}"
@@ -470,8 +474,9 @@ class Node:
 
     async def holders_of(self, name: ModelName) -> list[str]:
         """Other peers holding any version of ``name``: DHT providers (what a 10 s lookup
-        found) and peers that gossiped it."""
+        found, once the node has joined the network) and peers that gossiped it."""
         found: dict[str, None] = {}
+        await self.bootstrap.wait_joined(JOIN_WAIT)
         for info in await self.dht.find_providers(model_key(name), timeout=10):
             found[info.peer_id] = None
         for (full, _), peers in self._gossip.items():
