@@ -214,6 +214,7 @@ class Dht:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with background_trio_service(self._kad), trio.open_nursery() as nursery:
             nursery.start_soon(self._reprovide_loop)
+            nursery.start_soon(self._kad.close_idle_streams_forever)
             nursery.start_soon(self._reput_loop)
             log.info("DHT serving %s on %s", KAD_PROTOCOL_ID, self._host.peer_id)
             task_status.started()

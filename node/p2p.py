@@ -122,6 +122,14 @@ Found later, in Yamux over Noise:
     for as long as the connection lasts. At 40 nodes in one process 70 % of connections
     ended up with no pubsub stream, so gossip reached far fewer peers than were
     connected. `DmmPubsub` retries those too.
+28. Every DHT request opens a new stream, with its multistream negotiation (round trips,
+    and CPU at both ends that a busy node spends on nothing else as much), and closes it
+    after one answer, though the DHT server reads request after request from a stream.
+    A pull that provides 8 keys in a swarm of 16 opened about 250. `_KadHost` keeps a
+    stream whose request was answered cleanly for the next request to that peer
+    (`KAD_POOL_PER_PEER` of them, closed after `KAD_POOL_IDLE`). The server echoes an
+    ``ADD_PROVIDER`` that the library's client never reads: the echo is read off before
+    the stream serves another request.
 """
 
 from __future__ import annotations
@@ -169,7 +177,7 @@ from libp2p.io.abc import ReadWriteCloser
 from libp2p.kad_dht.common import ALPHA, BUCKET_SIZE, DEFAULT_TTL, QUERY_TIMEOUT
 from libp2p.kad_dht.common import PROTOCOL_ID as _LIBRARY_KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
-from libp2p.kad_dht.pb.kademlia_pb2 import Record
+from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.provider_store import PROVIDER_RECORD_EXPIRATION_INTERVAL
 from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.auto_connector import AutoConnector
@@ -1045,9 +1053,28 @@ KAD_VALUE_RECORD_TTL: float = DEFAULT_TTL
 KAD_ADD_PROVIDER_WINDOW = 10.0
 KAD_ADD_PROVIDER_LIMIT = 300
 # Defect 26: inbound DHT streams served at once, in all and of one peer. One lookup holds
-# up to ALPHA (3) streams to a peer; a node may run a few lookups at once.
-KAD_INBOUND_STREAMS = 256
+# up to ALPHA (3) streams to a peer; a node may run a few lookups at once, and keeps up
+# to KAD_POOL_PER_PEER idle for its next requests (defect 28): a served stream waiting
+# for the next request costs a task, not work.
+KAD_INBOUND_STREAMS = 1024
 KAD_INBOUND_STREAMS_PER_PEER = 16
+
+
+# Defect 28: idle DHT streams kept per peer for the next request, and for how long. A
+# lookup asks a peer once; the reuse is across the lookups and provides a node makes in
+# a burst (a pull's 8 provides, a find's rounds of lookups).
+KAD_POOL_PER_PEER = 2
+KAD_POOL_IDLE = 5.0
+# Requests to one peer share its KAD_POOL_PER_PEER streams, one request at a time on
+# each, as go-libp2p's DHT serialises them on one; a request that has waited this long
+# for a free stream opens another.
+KAD_LEASE_WAIT = 1.0
+# How long an owed ADD_PROVIDER echo may take to arrive before the stream is given up,
+# and the most read at once while reading one (it is about the request's size).
+KAD_ECHO_WAIT = 2.0
+KAD_ECHO_READ = 64 * 1024
+# Closing or resetting a stream we are done with never waits longer than this.
+KAD_CLOSE_WAIT = 2.0
 
 
 def _to_dmm_kad(protocol_id: TProtocol) -> TProtocol:
@@ -1081,6 +1108,7 @@ class _KadHost:
     def __init__(self, host: BasicHost) -> None:
         self._host = host
         self._peerstore = _KadPeerStore(host.get_peerstore())
+        self.pool = _KadStreamPool(host)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._host, name)
@@ -1095,7 +1123,255 @@ class _KadHost:
         self._host.remove_stream_handler(_to_dmm_kad(protocol_id))
 
     async def new_stream(self, peer_id: ID, protocol_ids: Sequence[TProtocol]) -> INetStream:
-        return await self._host.new_stream(peer_id, [_to_dmm_kad(p) for p in protocol_ids])
+        protocols = [_to_dmm_kad(p) for p in protocol_ids]
+        if protocols != [KAD_PROTOCOL_ID]:
+            return await self._host.new_stream(peer_id, protocols)
+        return cast(INetStream, await self.pool.lease(peer_id))
+
+
+class _Frames:
+    """Counts the varint-length-prefixed frames in a byte stream fed to it in pieces;
+    keeps their bodies when ``keep`` (requests, to tell their type)."""
+
+    def __init__(self, *, keep: bool) -> None:
+        self.keep = keep
+        self.bodies: list[bytes] = []
+        self.count = 0
+        self._length = 0
+        self._shift = 0
+        self._remaining: int | None = None  # of the body being read; None: in a prefix
+        self._body = bytearray()
+
+    @property
+    def partial(self) -> bool:
+        return self._remaining is not None or self._shift > 0
+
+    def feed(self, data: bytes) -> None:
+        i = 0
+        while i < len(data):
+            if self._remaining is None:
+                byte = data[i]
+                i += 1
+                self._length |= (byte & 0x7F) << self._shift
+                self._shift += 7
+                if not byte & 0x80:
+                    self._remaining, self._length, self._shift = self._length, 0, 0
+                    if self._remaining == 0:
+                        self._end()
+                continue
+            take = min(self._remaining, len(data) - i)
+            if self.keep:
+                self._body += data[i : i + take]
+            self._remaining -= take
+            i += take
+            if self._remaining == 0:
+                self._end()
+
+    def _end(self) -> None:
+        self.count += 1
+        if self.keep:
+            self.bodies.append(bytes(self._body))
+            self._body.clear()
+        self._remaining = None
+
+
+def _is_add_provider(body: bytes) -> bool:
+    message = Message()
+    try:
+        message.ParseFromString(body)
+    except Exception:  # not ours to judge: the request went out as the library wrote it
+        return False
+    return bool(message.type == Message.MessageType.ADD_PROVIDER)
+
+
+class _LeasedKadStream:
+    """A DHT stream as the library's request code sees it; its ``close`` hands it back
+    to the pool, which keeps it if every request on it was answered (defect 28)."""
+
+    def __init__(
+        self, pool: _KadStreamPool, peer: ID, stream: INetStream, permit: trio.Semaphore | None
+    ) -> None:
+        self._pool = pool
+        self.peer = peer
+        self.stream = stream
+        self.permit = permit  # the peer's stream slot it holds, if it got one
+        self.sent = _Frames(keep=True)
+        self.received = _Frames(keep=False)
+        self.broken = False
+        self.released = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    async def write(self, data: bytes) -> None:
+        try:
+            await self.stream.write(data)
+        except BaseException:
+            self.broken = True
+            raise
+        self.sent.feed(data)
+
+    async def read(self, n: int | None = None) -> bytes:
+        try:
+            data = await self.stream.read(n)
+        except BaseException:
+            self.broken = True
+            raise
+        if not data:
+            self.broken = True
+        self.received.feed(data)
+        return data
+
+    async def close(self) -> None:
+        await self._pool.release(self)
+
+    async def reset(self) -> None:
+        self.broken = True
+        await self._pool.release(self)
+
+    def owed(self) -> int | None:
+        """Echoes still to read once the library is done with the stream (ADD_PROVIDER),
+        or None when the stream cannot be reused."""
+        if self.broken or self.sent.partial or self.received.partial:
+            return None
+        echoes = sum(_is_add_provider(body) for body in self.sent.bodies)
+        answered = self.sent.count - echoes
+        if self.received.count != answered:
+            return None
+        return echoes
+
+
+@dataclass(slots=True)
+class _IdleKadStream:
+    stream: INetStream
+    owed: int  # ADD_PROVIDER echoes not read yet
+    since: float
+
+
+class _KadStreamPool:
+    """Open DHT streams kept per peer between requests (defect 28)."""
+
+    def __init__(self, host: BasicHost) -> None:
+        self._host = host
+        self._idle: dict[ID, list[_IdleKadStream]] = {}
+        self._slots: dict[ID, trio.Semaphore] = {}
+        self.opened = 0  # streams negotiated, for the tests
+        self.reused = 0
+
+    async def lease(self, peer: ID) -> _LeasedKadStream:
+        slots = self._slots.setdefault(peer, trio.Semaphore(KAD_POOL_PER_PEER))
+        permit: trio.Semaphore | None = None
+        with trio.move_on_after(KAD_LEASE_WAIT):
+            await slots.acquire()
+            permit = slots
+        try:
+            stream = await self._kept(peer)
+            if stream is None:
+                stream = await self._host.new_stream(peer, [TProtocol(KAD_PROTOCOL_ID)])
+                self.opened += 1
+            else:
+                self.reused += 1
+        except BaseException:
+            self._give_back(peer, permit)
+            raise
+        return _LeasedKadStream(self, peer, stream, permit)
+
+    async def _kept(self, peer: ID) -> INetStream | None:
+        """A kept stream to ``peer`` ready for a request, if there is one."""
+        idle = self._idle.get(peer, [])
+        while idle:
+            kept = idle.pop()
+            if not idle:
+                self._idle.pop(peer, None)
+            if trio.current_time() - kept.since <= KAD_POOL_IDLE and await self._drain(kept):
+                return kept.stream
+            await _discard(kept.stream)
+        return None
+
+    def _give_back(self, peer: ID, permit: trio.Semaphore | None) -> None:
+        if permit is None:
+            return
+        permit.release()
+        if permit.value == KAD_POOL_PER_PEER and self._slots.get(peer) is permit:
+            del self._slots[peer]  # nobody holds or waits for one: forget the peer
+
+    async def _drain(self, kept: _IdleKadStream) -> bool:
+        """Read the echoes a kept stream owes; False if it cannot serve another request."""
+        if _stream_closed(kept.stream):
+            return False
+        if not kept.owed:
+            return True
+        frames = _Frames(keep=False)
+        with trio.move_on_after(KAD_ECHO_WAIT):
+            try:
+                while frames.count < kept.owed:
+                    data = await kept.stream.read(KAD_ECHO_READ)
+                    if not data:
+                        return False
+                    frames.feed(data)
+            except Exception:  # the library raises what it likes
+                return False
+            return not frames.partial and frames.count == kept.owed
+        return False
+
+    async def release(self, leased: _LeasedKadStream) -> None:
+        if leased.released:
+            return
+        leased.released = True
+        owed = leased.owed()
+        idle = self._idle.setdefault(leased.peer, [])
+        if owed is None or len(idle) >= KAD_POOL_PER_PEER:
+            if not idle:
+                self._idle.pop(leased.peer, None)
+            self._give_back(leased.peer, leased.permit)
+            await _discard(leased.stream, clean=owed is not None)
+            return
+        idle.append(_IdleKadStream(leased.stream, owed, trio.current_time()))
+        self._give_back(leased.peer, leased.permit)
+
+    async def close_idle(self, *, older_than: float = KAD_POOL_IDLE) -> int:
+        """Close the streams idle for longer than ``older_than``; how many."""
+        now = trio.current_time()
+        closing: list[INetStream] = []
+        for peer, idle in list(self._idle.items()):
+            stale = [kept for kept in idle if now - kept.since > older_than]
+            if stale:
+                closing += [kept.stream for kept in stale]
+                idle[:] = [kept for kept in idle if now - kept.since <= older_than]
+                if not idle:
+                    del self._idle[peer]
+        for stream in closing:
+            await _discard(stream, clean=True)
+        return len(closing)
+
+    def idle_count(self, peer: ID | None = None) -> int:
+        if peer is not None:
+            return len(self._idle.get(peer, ()))
+        return sum(len(idle) for idle in self._idle.values())
+
+
+def _stream_closed(stream: INetStream) -> bool:
+    """Whether a kept stream, or its connection, has ended (checked without waiting)."""
+    conn = getattr(stream, "muxed_conn", None)
+    muxed = getattr(stream, "muxed_stream", None)
+    ended = ("closed", "send_closed", "recv_closed", "reset_received")
+    return bool(getattr(conn, "is_closed", False)) or any(
+        getattr(muxed, flag, False) is True for flag in ended
+    )
+
+
+async def _discard(stream: INetStream, *, clean: bool = False) -> None:
+    """Close a stream we are done with (reset it when a request on it went wrong);
+    shielded, as the library closes streams in ``finally`` blocks being cancelled."""
+    with (
+        trio.CancelScope(shield=True),
+        trio.move_on_after(KAD_CLOSE_WAIT),
+        contextlib.suppress(Exception),  # the library raises what it likes
+    ):
+        if clean:
+            await stream.close()
+        else:
+            await stream.reset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -1175,6 +1451,18 @@ class KadDht(KadDHT):
     @property
     def _validator(self) -> NamespacedValidator:
         return cast(NamespacedValidator, self.validator)
+
+    @property
+    def streams(self) -> _KadStreamPool:
+        """The DHT streams kept between requests (defect 28)."""
+        return cast(_KadHost, self.host).pool
+
+    async def close_idle_streams_forever(self) -> None:
+        """Close kept DHT streams once idle for `KAD_POOL_IDLE`: each holds a slot of
+        its peer's DHT server."""
+        while True:
+            await trio.sleep(KAD_POOL_IDLE / 2)
+            await self.streams.close_idle()
 
     # ---------------------------------------------------------------- providers
 

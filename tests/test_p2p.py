@@ -37,6 +37,7 @@ from node.p2p import (
     COALESCE_BYTES,
     KAD_ADD_PROVIDER_LIMIT,
     KAD_INBOUND_STREAMS_PER_PEER,
+    KAD_POOL_PER_PEER,
     KAD_PROTOCOL_ID,
     NOISE_PROTOCOL_ID,
     DialError,
@@ -842,6 +843,81 @@ async def test_idle_dht_streams_of_other_peers_do_not_turn_a_lookup_away() -> No
                 await extra.receive_some()
             for stream in held:
                 await stream.aclose()
+
+
+async def test_dht_requests_reuse_a_stream_per_peer_and_stay_in_step() -> None:
+    """Defect 28: every DHT request opened, negotiated and closed a stream of its own. Kept
+    streams serve the next requests, and the ADD_PROVIDER echoes the library never read do
+    not answer a later lookup in place of its own answer."""
+    keys = [multihash(f"/dmm/model/r{i}") for i in range(6)]
+    theirs = multihash("/dmm/model/theirs")
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (provider, server, finder):
+            await kad_link(provider, server)
+            await kad_link(finder, server)
+            for key in keys:  # a walk and an ADD_PROVIDER each, echoes left unread
+                assert await provider[1].provide_key(key)
+            assert await finder[1].provide_key(theirs)
+            # The provider's kept stream to the server owes 6 echoes: read off first.
+            found = await provider[1].find_providers_of(theirs)
+            assert [info.peer_id for info in found] == [finder[1].local_peer_id]
+            for key in keys:
+                found = await finder[1].find_providers_of(key)
+                assert [info.peer_id for info in found] == [provider[1].local_peer_id]
+            for _, dht in (provider, finder):
+                # Each talked to the server (and the finder to the provider) in turn.
+                assert dht.streams.opened <= 2, dht.streams.opened
+                assert dht.streams.reused >= 6
+                assert dht.streams.idle_count(server[1].local_peer_id) >= 1
+
+
+async def test_concurrent_dht_requests_to_a_peer_share_its_streams(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect 28: a burst of requests to one peer (a pull's 8 provides at once) opened a
+    stream each; they now take turns on KAD_POOL_PER_PEER of them."""
+    monkeypatch.setattr("node.p2p.KAD_LEASE_WAIT", 60.0)  # no fallback on a slow machine
+    keys = [multihash(f"/dmm/model/c{i}") for i in range(10)]
+    with trio.fail_after(60):
+        async with kad_nodes(3) as (provider, server, finder):
+            await kad_link(provider, server)
+            await kad_link(finder, server)
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(provider[1].provide_key, key)
+            # Two peers (the walks find the finder through the server), each asked a
+            # FIND_NODE and sent an ADD_PROVIDER per key: 40 streams, one per request.
+            assert provider[1].streams.opened <= 2 * KAD_POOL_PER_PEER
+            found = [await finder[1].find_providers_of(key) for key in keys]
+            assert all([i.peer_id for i in f] == [provider[1].local_peer_id] for f in found)
+
+
+async def test_kept_dht_streams_end_with_their_connection_and_when_idle() -> None:
+    """A kept stream whose connection closed is not used again, and kept streams are
+    closed once idle, giving back their slots at the peer's DHT server."""
+    key = multihash("/dmm/model/k")
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (provider, server, finder):
+            await kad_link(provider, server)
+            await kad_link(finder, server)
+            assert await provider[1].provide_key(key)
+            assert [i.peer_id for i in await finder[1].find_providers_of(key)] == [
+                provider[1].local_peer_id
+            ]
+            pool = finder[1].streams
+            assert pool.idle_count(server[1].local_peer_id) == 1
+            await finder[0].disconnect(server[0].peer_id)
+            await kad_link(finder, server)
+            opened = pool.opened
+            assert [i.peer_id for i in await finder[1].find_providers_of(key)] == [
+                provider[1].local_peer_id
+            ]
+            assert pool.opened > opened  # a new stream: the kept one died with its connection
+
+            assert await pool.close_idle(older_than=0) >= 1
+            assert pool.idle_count() == 0
+            await trio.testing.wait_all_tasks_blocked()
+            assert finder[1].local_peer_id not in server[1]._inbound_streams
 
 
 def test_dht_stream_ends_are_not_warnings(caplog: pytest.LogCaptureFixture) -> None:
