@@ -125,9 +125,10 @@ Found later, in Yamux over Noise:
 28. Every DHT request opens a new stream, with its multistream negotiation (round trips,
     and CPU at both ends that a busy node spends on nothing else as much), and closes it
     after one answer, though the DHT server reads request after request from a stream.
-    A pull that provides 8 keys in a swarm of 16 opened about 250. `_KadHost` keeps a
-    stream whose request was answered cleanly for the next request to that peer
-    (`KAD_POOL_PER_PEER` of them, closed after `KAD_POOL_IDLE`). The server echoes an
+    A pull that provides its 8 keys in a swarm of 16 sends each peer a ``FIND_NODE`` and
+    an ``ADD_PROVIDER`` per key: 256 streams. `_KadHost` keeps a stream whose request was
+    answered cleanly for the next request to that peer; requests to one peer take turns
+    on `KAD_POOL_PER_PEER` streams, closed after `KAD_POOL_IDLE`. The server echoes an
     ``ADD_PROVIDER`` that the library's client never reads: the echo is read off before
     the stream serves another request.
 """
