@@ -1242,6 +1242,32 @@ class _LeasedKadStream:
         return echoes
 
 
+class _ServedKadStream:
+    """An inbound DHT stream as the library's handler reads it. The handler puts the asker
+    in the routing table as a stream starts, and that fails while identify has not yet
+    told us the asker's addresses; one stream per request retried it soon enough. A kept
+    stream carries many requests (defect 28), so each request that starts while the
+    asker is not in the table tries again."""
+
+    def __init__(self, stream: INetStream, dht: KadDht) -> None:
+        self.stream = stream
+        self._dht = dht
+        self._peer = stream.muxed_conn.peer_id
+        self._requests = _Frames(keep=False)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+    async def read(self, n: int | None = None) -> bytes:
+        between = self._requests.count > 0 and not self._requests.partial
+        if between and not self._dht.routing_table.peer_in_table(self._peer):
+            with contextlib.suppress(Exception):  # as the handler's own attempt: not fatal
+                await self._dht.add_peer(self._peer, skip_server_mode_check=True)
+        data = await self.stream.read(n)
+        self._requests.feed(data)
+        return data
+
+
 @dataclass(slots=True)
 class _IdleKadStream:
     stream: INetStream
@@ -1443,7 +1469,7 @@ class KadDht(KadDHT):
             return
         held[peer] += 1
         try:
-            await self._do_handle_stream(stream)
+            await self._do_handle_stream(cast(INetStream, _ServedKadStream(stream, self)))
         finally:
             held[peer] -= 1
             if not held[peer]:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import node.bootstrap
 from node.daemon import Node, open_node
@@ -24,6 +25,29 @@ async def _joined_pair(tmp_path: Path) -> AsyncIterator[tuple[Node, Node]]:
     ):
         await b.bootstrap.joined.wait()
         yield seed, b
+
+
+async def test_nodes_started_together_each_learn_every_other(tmp_path: Path) -> None:
+    """Three nodes bootstrap from one seed at once: each ends with the other three in its
+    routing table, and the seed with all three (with DHT streams kept between requests,
+    defect 28 of node/p2p.py, the seed had kept an empty table)."""
+    async with AsyncExitStack() as stack:
+        seed = await stack.enter_async_context(open_node(node_config(tmp_path, "seed")))
+        nodes = [
+            await stack.enter_async_context(
+                open_node(node_config(tmp_path, f"n{i}", seed.host.listen_addrs))
+            )
+            for i in range(3)
+        ]
+        everyone = {seed.peer_id, *(n.peer_id for n in nodes)}
+        with trio.fail_after(60):
+            for node in nodes:
+                await node.bootstrap.joined.wait()
+            # The last lookups of the joins are answered and their askers added.
+            await trio.testing.wait_all_tasks_blocked(cushion=0.2)
+        for node in (seed, *nodes):
+            table = set(node.dht.routing_table_peers())
+            assert table == everyone - {node.peer_id}, (node.config.node.name, len(table))
 
 
 async def test_a_bootstrap_peer_that_comes_up_late_is_reached(tmp_path: Path) -> None:

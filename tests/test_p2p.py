@@ -892,6 +892,26 @@ async def test_concurrent_dht_requests_to_a_peer_share_its_streams(
             assert all([i.peer_id for i in f] == [provider[1].local_peer_id] for f in found)
 
 
+async def test_an_asker_missing_from_the_table_is_added_on_its_next_request() -> None:
+    """Defect 28: the server adds an asker to its table as a stream starts, which fails
+    until identify has given it the asker's addresses; with one stream per request the
+    next request retried, on a kept stream none did, and a swarm of 16 nodes started
+    together kept tables of one peer. (Here the asker is taken out of the table after
+    its first request, as if that add had failed.)"""
+    with trio.fail_after(30):
+        async with kad_nodes(2) as (server, asker):
+            await asker[0].connect(server[0].listen_addrs[0])
+            assert await asker[1].add_peer(server[1].local_peer_id)
+            await trio.testing.wait_all_tasks_blocked()
+            table = server[1].routing_table
+            await asker[1].peer_routing.find_closest_peers_network(multihash("/dmm/model/a"))
+            assert table.peer_in_table(asker[1].local_peer_id)
+            table.remove_peer(asker[1].local_peer_id)
+            await asker[1].peer_routing.find_closest_peers_network(multihash("/dmm/model/b"))
+            assert asker[1].streams.opened == 1  # the same stream carried both
+            assert table.peer_in_table(asker[1].local_peer_id)
+
+
 async def test_kept_dht_streams_end_with_their_connection_and_when_idle() -> None:
     """A kept stream whose connection closed is not used again, and kept streams are
     closed once idle, giving back their slots at the peer's DHT server."""
