@@ -90,6 +90,19 @@ STATUS_TTL = 30.0
 GATHER_GRACE_MIN = 0.05
 
 
+def live_pending(
+    pending: dict[str, float], holders: dict[str, ReplicaState], now: float
+) -> dict[str, float]:
+    """The peers asked to hold a copy that still count as one: their time to fetch it
+    has not run out, and no probe has found them unreachable since (a peer that accepted
+    and then died counted for the whole ``pending_for``, 60 s, before a heal)."""
+    return {
+        peer: due
+        for peer, due in pending.items()
+        if due > now and not (peer in holders and holders[peer].health == "unreachable")
+    }
+
+
 @dataclass(slots=True)
 class ReplicaState:
     """One holder of one model, as the last check saw it."""
@@ -475,7 +488,7 @@ class ReplicationManager:
         assert policy is not None
         me = self.node.peer_id
         now = trio.current_time()
-        view.pending = {p: d for p, d in view.pending.items() if d > now}
+        view.pending = live_pending(view.pending, view.holders, now)
         healthy = {p: h for p, h in view.holders.items() if h.counts}
         for peer in [p for p, h in view.holders.items() if h.health == "unreachable"]:
             # Known dead holders stay listed (that is what `dmm replicas` should show),
