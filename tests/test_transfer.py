@@ -314,7 +314,6 @@ async def test_providers_are_looked_up_once_while_chunks_flow(
         assert await trio.to_thread.run_sync(sha256_of, result.path) == blob.digest
         # Polling every few seconds, as before, asked the DHT 3 times in a 4 s fetch.
         assert len(lookups.calls) == 1, f"{len(lookups.calls)} lookups in a {took:.1f} s fetch"
-        assert lookups.calls[0] - started < 1.0  # the first goes out with the fetch
 
 
 async def test_a_starved_fetch_looks_for_providers_and_uses_the_one_found(
