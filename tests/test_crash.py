@@ -261,7 +261,8 @@ def test_sigkill_of_a_pulling_node_never_leaves_a_broken_store(
     seed = int(os.environ.get("DMM_CRASH_SEED", random.randrange(2**32)))
     print(f"crash seed {seed} (DMM_CRASH_SEED={seed} replays it)")
     rng = random.Random(seed)
-    # A rate-limited holder, so one pull lasts about two seconds and kills land inside it.
+    # A rate-limited holder (4 MiB/s after a 4 MiB burst), so a pull lasts a second or
+    # two and kills land inside it.
     holder_config = _config(tmp_path, "holder", storage='upload_rate_limit = "4MiB"\n')
     gguf = make_model(size=8 * MiB)
     with open_store(load_config(holder_config)) as holder_store:
@@ -270,9 +271,22 @@ def test_sigkill_of_a_pulling_node_never_leaves_a_broken_store(
     holder_id = holder.wait_for_line("dmm node ", timeout=60).split()[2]
     holder_addr = holder.wait_for_line("  p2p ", timeout=10).split()[1]
     puller_config = _config(tmp_path, "puller", [holder_addr])
-    window = 3.0  # a whole pull at 4 MiB/s, plus its start
+    # How long one whole pull takes here and now, from its fork to its exit: the kill
+    # window. A fixed guess let most pulls finish first on a quiet machine, and too few
+    # kills landed.
+    node = _start_node(forks, "node-measure", puller_config, holder_id)
+    started = time.monotonic()
+    client = forks.run("pull-measure", "pull", "big:v1", "--json", "--config", str(puller_config))
+    assert client.wait(timeout=120) == 0, client.output()
+    window = time.monotonic() - started
+    node.kill()
+    _reset(puller_config)
+    print(f"one pull took {window:.2f} s: kills land in [0, {window:.2f}) s")
     kills = completed = 0
-    for attempt in range(KILLS * 3):
+    # Most kill moments land mid-pull; a pull faster than the measured one escapes its
+    # kill. Six tries per kill: even if only a third landed, too few kills would be a
+    # one-in-a-million draw.
+    for attempt in range(KILLS * 6):
         if kills >= KILLS:
             break
         node = _start_node(forks, f"node-{attempt}", puller_config, holder_id)
@@ -292,7 +306,7 @@ def test_sigkill_of_a_pulling_node_never_leaves_a_broken_store(
             assert names == {"big:v1"}
             assert _blob(puller_config, model_blob).read_bytes() == gguf.read_bytes()
             _reset(puller_config)  # so the next kills land in a pull again
-    assert kills >= KILLS, f"only {kills} kills landed mid-pull in {KILLS * 3} attempts"
+    assert kills >= KILLS, f"only {kills} kills landed mid-pull in {KILLS * 6} attempts"
     # The last attempt was killed mid-pull (or reset): the pull still completes.
     node = _start_node(forks, "node-last", puller_config, holder_id)
     client = forks.run("pull-last", "pull", "big:v1", "--json", "--config", str(puller_config))
