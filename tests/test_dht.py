@@ -71,6 +71,14 @@ async def link(a: Node, b: Node) -> None:
     assert await b.dht.add_peer(a.peer_id)
 
 
+async def star(hub: Node, others: list[Node]) -> None:
+    """Link every node to the hub, then refresh every table: each then knows all."""
+    for node in others:
+        await link(node, hub)
+    for node in [hub, *others]:
+        await node.dht.refresh()
+
+
 def record(
     signing_key: nacl.signing.SigningKey,
     *,
@@ -103,10 +111,7 @@ async def test_five_nodes_provide_and_find() -> None:
     with trio.fail_after(30):
         async with dht_nodes(5) as nodes:
             hub, provider, *_, finder = nodes
-            for node in nodes[1:]:
-                await link(node, hub)
-            for node in nodes:
-                await node.dht.refresh()
+            await star(hub, nodes[1:])
             assert all(node.dht.routing_table_size() == 4 for node in nodes)
 
             keys = ["/dmm/model/llama3", *index_keys_for_name("llama3")]
@@ -168,10 +173,7 @@ async def test_a_provider_lookup_in_a_network_known_whole_is_one_walk() -> None:
     with trio.fail_after(30):
         async with dht_nodes(4) as nodes:
             hub, provider, *_, finder = nodes
-            for node in nodes[1:]:
-                await link(node, hub)
-            for node in nodes:
-                await node.dht.refresh()
+            await star(hub, nodes[1:])
             assert await provider.dht.provide("/dmm/model/known")
             routing = finder.dht._kad.peer_routing
             closest_walks = 0
