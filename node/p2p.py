@@ -131,6 +131,13 @@ Found later, in Yamux over Noise:
     on `KAD_POOL_PER_PEER` streams, closed after `KAD_POOL_IDLE`. The server echoes an
     ``ADD_PROVIDER`` that the library's client never reads: the echo is read off before
     the stream serves another request.
+29. ``provide`` finds its closest peers with ``find_closest_peers_network``, then sends
+    the ``ADD_PROVIDER``s three at a time, each allowed ``QUERY_TIMEOUT`` (10 s). On a
+    busy node that walk came back with far peers, and the sends to them timed out in
+    turn: in a 50-node swarm that had just joined, a model's first provide took 59 s and
+    stored its record nowhere, and a third of exact lookups then missed the holder.
+    `KadDht.provide_key` walks as the provider lookup does and tells the closest peers
+    that answered, all at once.
 """
 
 from __future__ import annotations
@@ -1076,6 +1083,9 @@ KAD_ECHO_WAIT = 2.0
 KAD_ECHO_READ = 64 * 1024
 # Closing or resetting a stream we are done with never waits longer than this.
 KAD_CLOSE_WAIT = 2.0
+# How long the pool remembers that a peer answered a request (a provide asks whether
+# the peers of its walk, a few seconds long, did).
+KAD_ANSWER_MEMORY = 300.0
 
 
 def _to_dmm_kad(protocol_id: TProtocol) -> TProtocol:
@@ -1284,6 +1294,13 @@ class _KadStreamPool:
         self._slots: dict[ID, trio.Semaphore] = {}
         self.opened = 0  # streams negotiated, for the tests
         self.reused = 0
+        # Peer -> when a request to it last got an answer: the library's request code
+        # tells a failure from an empty answer to no one.
+        self._answered: dict[ID, float] = {}
+
+    def answered_since(self, peer: ID, when: float) -> bool:
+        """Whether a request to ``peer`` got an answer at or after ``when``."""
+        return self._answered.get(peer, -math.inf) >= when
 
     async def lease(self, peer: ID) -> _LeasedKadStream:
         slots = self._slots.setdefault(peer, trio.Semaphore(KAD_POOL_PER_PEER))
@@ -1345,6 +1362,8 @@ class _KadStreamPool:
         if leased.released:
             return
         leased.released = True
+        if leased.received.count:
+            self._answered[leased.peer] = trio.current_time()
         owed = leased.owed()
         idle = self._idle.setdefault(leased.peer, [])
         if owed is None or len(idle) >= KAD_POOL_PER_PEER:
@@ -1359,6 +1378,9 @@ class _KadStreamPool:
     async def close_idle(self, *, older_than: float = KAD_POOL_IDLE) -> int:
         """Close the streams idle for longer than ``older_than``; how many."""
         now = trio.current_time()
+        for peer, when in list(self._answered.items()):
+            if now - when > KAD_ANSWER_MEMORY:
+                del self._answered[peer]
         closing: list[INetStream] = []
         for peer, idle in list(self._idle.items()):
             stale = [kept for kept in idle if now - kept.since > older_than]
@@ -1494,7 +1516,8 @@ class KadDht(KadDHT):
     # ---------------------------------------------------------------- providers
 
     async def provide_key(self, key: bytes) -> bool:
-        """Record us as a provider of `key` here and at the closest peers, once.
+        """Record us as a provider of `key` here and at the `BUCKET_SIZE` peers closest
+        to it, once (defect 29).
 
         True if at least one peer was told. The caller re-provides before
         `KAD_PROVIDER_RECORD_TTL` passes (defect 17). Keys that are not a multihash
@@ -1502,9 +1525,25 @@ class KadDht(KadDHT):
         """
         if not 0 < len(key) <= KAD_MAX_PROVIDER_KEY_BYTES:
             raise ValueError(f"a provider key is 1..{KAD_MAX_PROVIDER_KEY_BYTES} bytes")
-        sent = await self.provider_store.provide(key)
-        self.provider_store.providing_keys.discard(key)
-        return sent
+        store = self.provider_store
+        store.add_provider(key, PeerInfo(self.local_peer_id, self.host.get_addrs()))
+        # The provider lookup's walk finds the closest peers, and caches the providers
+        # they name on the way, as `find_providers_of` does.
+        walked = await self._provider_walk(key, self._providers_asker(key, None), lambda: False)
+        closest = walked[:BUCKET_SIZE]
+        told = [0]
+
+        async def tell(peer: ID) -> None:
+            with trio.move_on_after(QUERY_TIMEOUT):
+                told[0] += await store._send_add_provider(peer, key)
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                nursery.start_soon(tell, peer)
+        log.debug(
+            "provider record for %s stored by %d of %d peers", key.hex(), told[0], len(closest)
+        )
+        return told[0] > 0
 
     def stop_providing(self, key: bytes) -> None:
         """Withdraw our own provider record for `key` (peers keep theirs until it expires)."""
@@ -1533,33 +1572,58 @@ class KadDht(KadDHT):
                     found.setdefault(provider.peer_id, provider)
 
         add(self.provider_store.get_providers(key))
+        with trio.move_on_after(timeout):
+            await self._provider_walk(
+                key, self._providers_asker(key, add), lambda: len(found) >= count
+            )
+        return list(found.values())
 
-        undialable: set[ID] = set()  # named as closer, with no address we know
+    def _providers_asker(
+        self, key: bytes, add: Callable[[list[PeerInfo]], None] | None
+    ) -> Callable[[ID], Awaitable[list[ID]]]:
+        """A `_walk` step sending GET_PROVIDERS: the providers named are cached and
+        served, as the library does, and handed to `add`."""
 
         async def ask(peer: ID) -> list[ID]:
-            if not self._dialable(peer):
-                undialable.add(peer)
-                return []
             store = self.provider_store
             providers, closer = await store._get_providers_from_peer_with_closers(peer, key)
             for provider in providers:
-                store.add_provider(key, provider)  # cached and served, as the library does
-            add(providers)
+                store.add_provider(key, provider)
+            if add is not None:
+                add(providers)
             return closer
 
-        def enough() -> bool:
-            return len(found) >= count
+        return ask
 
-        with trio.move_on_after(timeout):
-            # From the routing table first, as Kademlia does. Only peers named without an
-            # address (defect 19) need the FIND_NODE walk that finds them, and a second
-            # walk from there; in a network this node already knows whole, none are, and
-            # the lookup costs one walk rather than two.
-            asked = await self._walk(key, ask, enough)
-            if undialable and not enough():
-                seed = await self.peer_routing.find_closest_peers_network(key)
-                await self._walk(key, ask, enough, seed, skip=set(asked) - undialable)
-        return list(found.values())
+    async def _provider_walk(
+        self,
+        key: bytes,
+        ask: Callable[[ID], Awaitable[list[ID]]],
+        done: Callable[[], bool],
+    ) -> list[ID]:
+        """Walk toward `key` with GET_PROVIDERS from the routing table, as Kademlia does;
+        returns the peers that answered, closest first.
+
+        Only peers named without an address (defect 19) need the FIND_NODE walk that
+        finds them, and a second walk from there; in a network this node already knows
+        whole, none are, and the lookup costs one walk rather than two.
+        """
+        undialable: set[ID] = set()
+
+        async def ask_dialable(peer: ID) -> list[ID]:
+            if not self._dialable(peer):
+                undialable.add(peer)
+                return []
+            return await ask(peer)
+
+        answered: set[ID] = set()
+        failed: set[ID] = set()
+        closest = await self._walk(key, ask_dialable, done, answered=answered, failed=failed)
+        if undialable and not done():
+            seed = await self.peer_routing.find_closest_peers_network(key)
+            failed -= undialable  # not asked: the FIND_NODE walk may have found them
+            closest = await self._walk(key, ask_dialable, done, seed, answered, failed)
+        return closest
 
     def _dialable(self, peer: ID) -> bool:
         if peer in self.host.get_connected_peers():
@@ -1653,43 +1717,54 @@ class KadDht(KadDHT):
         ask: Callable[[ID], Awaitable[list[ID]]],
         done: Callable[[], bool],
         seed: Iterable[ID] = (),
-        skip: Iterable[ID] = (),
+        answered: set[ID] | None = None,
+        failed: set[ID] | None = None,
     ) -> list[ID]:
         """Ask the peers closest to `key`, `ALPHA` at a time, learning closer peers from
-        each answer, until `done()` or the `BUCKET_SIZE` closest known were all asked.
+        each answer, until `done()` or the `BUCKET_SIZE` closest known that answer were
+        all asked: as in Kademlia, a peer that fails to answer gives its place to the
+        next closest.
 
         Starts from `seed`, the routing table and the connected peers, and walks with
-        the operation's own request (defect 19); peers in `skip` (asked already) count as
-        asked. Returns the peers asked, closest first.
+        the operation's own request (defect 19). A walk continuing an earlier one passes
+        that one's `answered` and `failed` sets, which it fills in turn; their peers are
+        not asked again. Returns the peers that answered, closest first.
         """
+        answered = set() if answered is None else answered
+        failed = set() if failed is None else failed
         known = list(dict.fromkeys(seed))
         local = self.routing_table.find_local_closest_peers(key, BUCKET_SIZE)
         for peer in [*local, *self.host.get_connected_peers()]:
             if peer not in known:
                 known.append(peer)
-        asked: set[ID] = set(skip)
-        rounds = 0
+        rounds = asked = 0
 
         async def ask_one(peer: ID) -> None:
+            since = trio.current_time()
             with trio.move_on_after(QUERY_TIMEOUT):
                 for closer in await ask(peer):
                     if closer not in known:
                         known.append(closer)
+            # The library's request code answers a failure as it would an empty answer;
+            # the stream pool saw whether an answer came.
+            (answered if self.streams.answered_since(peer, since) else failed).add(peer)
 
         while not done():
-            closest = sort_peer_ids_by_distance(key, known)[:BUCKET_SIZE]
-            batch = [p for p in closest if p not in asked and p != self.local_peer_id][:ALPHA]
+            candidates = [p for p in sort_peer_ids_by_distance(key, known) if p not in failed]
+            batch = [
+                p for p in candidates[:BUCKET_SIZE] if p not in answered and p != self.local_peer_id
+            ][:ALPHA]
             if not batch:
                 break
-            asked.update(batch)
+            asked += len(batch)
             rounds += 1
             async with trio.open_nursery() as nursery:
                 for peer in batch:
                     nursery.start_soon(ask_one, peer)
         traces = _walk_traces.get()
         if traces is not None:
-            traces.append(WalkTrace(rounds, len(asked)))
-        return sort_peer_ids_by_distance(key, list(asked))
+            traces.append(WalkTrace(rounds, asked))
+        return sort_peer_ids_by_distance(key, list(answered))
 
 
 def _value_key_bytes(key: str) -> bytes:

@@ -20,7 +20,7 @@ from libp2p.kad_dht import provider_store
 from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
-from node.dht import Dht, ProviderInfo, provider_key_bytes
+from node.dht import PROVIDE_WALKS, Dht, ProviderInfo, provider_key_bytes
 from node.p2p import KadDht, P2PHost, open_host
 from protocols.catalog import index_key_for_glob, index_keys_for_name
 from protocols.errors import LocalProtocolError
@@ -187,6 +187,42 @@ async def test_a_provider_lookup_in_a_network_known_whole_is_one_walk() -> None:
             routing.find_closest_peers_network = counted  # type: ignore[method-assign]
             assert ids(await finder.dht.find_providers("/dmm/model/known")) == [provider.peer_id]
             assert closest_walks == 0
+
+
+async def test_a_node_walks_for_a_few_provides_at_a_time() -> None:
+    """A new model's ~8 keys were provided all at once: on a busy node every walk slowed
+    until its requests timed out and the records were stored nowhere."""
+    keys = [f"/dmm/model/m{i}" for i in range(3 * PROVIDE_WALKS)]
+    with trio.fail_after(30):
+        async with dht_nodes(3) as nodes:
+            provider, *others = nodes
+            await star(provider, others)
+            kad = provider.dht._kad
+            walking = most = 0
+            provide_key = kad.provide_key
+
+            async def counted(key: bytes) -> bool:
+                nonlocal walking, most
+                walking += 1
+                most = max(most, walking)
+                try:
+                    return await provide_key(key)
+                finally:
+                    walking -= 1
+
+            kad.provide_key = counted  # type: ignore[method-assign]
+            sent: list[bool] = []
+
+            async def provide(key: str) -> None:
+                sent.append(await provider.dht.provide(key))
+
+            async with trio.open_nursery() as nursery:
+                for key in keys:
+                    nursery.start_soon(provide, key)
+            assert sent == [True] * len(keys)
+            assert most == PROVIDE_WALKS
+            for key in keys:
+                assert ids(await others[0].dht.find_providers(key)) == [provider.peer_id]
 
 
 class AcceptAnything(Validator):

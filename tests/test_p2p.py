@@ -17,7 +17,9 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.keys import KeyPair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
+from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.common import PROTOCOL_ID as LIBRARY_KAD_PROTOCOL_ID
+from libp2p.kad_dht.utils import sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
@@ -794,6 +796,49 @@ async def test_provide_key_leaves_reproviding_to_the_caller() -> None:
             a[1].stop_providing(key)
             assert a[1].provider_store.get_providers(key) == []
             assert await b[1].find_providers_of(key) != []  # peers keep theirs until expiry
+
+
+async def test_a_provider_record_is_stored_at_the_closest_peers_that_answer() -> None:
+    """Defect 29: the library's provide walked with its own closest-peer lookup and sent
+    three ADD_PROVIDERs at a time, each allowed 10 s; on a busy node the record went to
+    far peers, or nowhere. Ours goes to exactly the BUCKET_SIZE closest peers that
+    answer: one that does not gives its place to the next."""
+    key = multihash("/dmm/model/closest")
+    with trio.fail_after(60):
+        async with kad_nodes(BUCKET_SIZE + 3) as nodes:
+            provider, *others = nodes
+            for node in others:
+                await kad_link(provider, node)
+            ids = [dht.local_peer_id for _, dht in others]
+            # The closest peer's DHT stops answering: still connected, still in the table.
+            gone = next(n for n in others if n[1].local_peer_id == closest_of(key, ids)[0])
+            gone[0].host.remove_stream_handler(TProtocol(KAD_PROTOCOL_ID))
+            others.remove(gone)
+            assert len(others) == BUCKET_SIZE + 1
+            arrived = trio.Event()
+            received: list[ID] = []
+            for _, dht in others:
+
+                def counting(peer_id: ID, dht: KadDht = dht) -> bool:
+                    received.append(dht.local_peer_id)
+                    if len(received) == BUCKET_SIZE:
+                        arrived.set()
+                    return True
+
+                dht._check_provider_rate_limit = counting  # type: ignore[method-assign]
+            assert await provider[1].provide_key(key)
+            await arrived.wait()
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+            live = [dht.local_peer_id for _, dht in others]
+            closest = closest_of(key, live)[:BUCKET_SIZE]
+            holders = [pid for pid, (_, dht) in zip(live, others, strict=True)
+                       if dht.provider_store.get_providers(key)]  # fmt: skip
+            assert len(received) == BUCKET_SIZE
+            assert set(received) == set(holders) == set(closest)
+
+
+def closest_of(key: bytes, peers: list[ID]) -> list[ID]:
+    return sort_peer_ids_by_distance(key, peers)
 
 
 async def test_long_value_keys_reach_the_closest_peers() -> None:
