@@ -1750,10 +1750,9 @@ class KadDht(KadDHT):
             (answered if self.streams.answered_since(peer, since) else failed).add(peer)
 
         while not done():
-            candidates = [p for p in sort_peer_ids_by_distance(key, known) if p not in failed]
-            batch = [
-                p for p in candidates[:BUCKET_SIZE] if p not in answered and p != self.local_peer_id
-            ][:ALPHA]
+            nearest = sort_peer_ids_by_distance(key, known)
+            candidates = [p for p in nearest if p not in failed and p != self.local_peer_id]
+            batch = [p for p in candidates[:BUCKET_SIZE] if p not in answered][:ALPHA]
             if not batch:
                 break
             asked += len(batch)

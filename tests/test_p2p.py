@@ -811,7 +811,9 @@ async def test_a_provider_record_is_stored_at_the_closest_peers_that_answer() ->
                 await kad_link(provider, node)
             ids = [dht.local_peer_id for _, dht in others]
             # The closest peer's DHT stops answering: still connected, still in the table.
-            gone = next(n for n in others if n[1].local_peer_id == closest_of(key, ids)[0])
+            gone = next(
+                n for n in others if n[1].local_peer_id == sort_peer_ids_by_distance(key, ids)[0]
+            )
             gone[0].host.remove_stream_handler(TProtocol(KAD_PROTOCOL_ID))
             others.remove(gone)
             assert len(others) == BUCKET_SIZE + 1
@@ -830,15 +832,11 @@ async def test_a_provider_record_is_stored_at_the_closest_peers_that_answer() ->
             await arrived.wait()
             await trio.testing.wait_all_tasks_blocked(cushion=0.05)
             live = [dht.local_peer_id for _, dht in others]
-            closest = closest_of(key, live)[:BUCKET_SIZE]
+            closest = sort_peer_ids_by_distance(key, live)[:BUCKET_SIZE]
             holders = [pid for pid, (_, dht) in zip(live, others, strict=True)
                        if dht.provider_store.get_providers(key)]  # fmt: skip
             assert len(received) == BUCKET_SIZE
             assert set(received) == set(holders) == set(closest)
-
-
-def closest_of(key: bytes, peers: list[ID]) -> list[ID]:
-    return sort_peer_ids_by_distance(key, peers)
 
 
 async def test_long_value_keys_reach_the_closest_peers() -> None:
