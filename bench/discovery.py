@@ -2,8 +2,8 @@
 
 The swarm grows to 50, 100 and 200 nodes (4 and 8 with ``--quick``) in this one process
 on loopback, each a full ``open_node``. New nodes join as every node does: they dial the
-one seed and refresh their routing tables once (``node.bootstrap``); the first stage's
-nodes add small models. At every size finds are
+one seed and refresh their routing tables once (``node.bootstrap``), ten at a time, each
+ten once the ten before have joined; the first stage's nodes add small models. At every size finds are
 measured (p95 against the exact-key lookup, and DHT hops: the query rounds of the
 exact-key lookup's walk, ``node.p2p.trace_walks``); at the last size also:
 
@@ -68,7 +68,9 @@ QUICK_SIZES = (4, 8)
 # New nodes bootstrap from one seed, as a LAN whose nodes all name one machine would.
 SEEDS = 1
 START_BATCH = 10
-# Every node of a growth step has joined (reached the seed, refreshed its table) by then.
+# A batch has joined (reached the seed, refreshed its table) by then, or the next starts
+# anyway; every node of a growth step has joined by `JOIN_TIMEOUT` after the last batch.
+BATCH_JOIN_TIMEOUT = 300.0
 JOIN_TIMEOUT = 600.0
 MiB = 1024 * 1024
 MODEL_SIZE = 1 * MiB
@@ -128,7 +130,7 @@ async def _run(root: Path, quick: bool, clock: _Clock) -> list[Figure]:
         for size in sizes:
             clock.say(f"growing to {size} nodes ({SEEDS} seed, batches of {START_BATCH})")
             started = clock.elapsed()
-            new = await swarm.grow(size)
+            new = await swarm.grow(size, clock)
             await _bootstrap(swarm.nodes, new, clock)
             setup += clock.elapsed() - started
             if not holders:
@@ -179,9 +181,17 @@ def _growth_figures(size: int, samples: list[_Sample]) -> list[Figure]:
 
 class _Swarm:
     """``node.testing.open_swarm``'s swarm (the seeds chained, the rest bootstrapping
-    from them), grown in concurrent batches and stopped all at once: one by one, 50
-    nodes took about a minute each way, every departure setting off the others'
-    reconnects."""
+    from them), grown a batch at a time and stopped all at once: one by one, 50 nodes
+    took about a minute each way, every departure setting off the others' reconnects.
+
+    A batch of `START_BATCH` nodes starts together, and the next once they have joined
+    (or `BATCH_JOIN_TIMEOUT` passed), as a network grows. Started all at once, 100 new
+    nodes joined a 100-node swarm within a minute: each join dials tens of peers (its
+    lookups' walks) at about 50 ms of CPU a connection, both ends in this process, so the
+    core had minutes of work; every lookup timed out, the nodes whose joins failed kept
+    refreshing their thin routing tables, and the core stayed saturated for good (tables
+    median 1-2 an hour later, every find at 200 nodes missed).
+    """
 
     def __init__(self, root: Path, nursery: trio.Nursery, stop: trio.Event) -> None:
         self.root = root
@@ -189,7 +199,7 @@ class _Swarm:
         self.stop = stop
         self.nodes: list[Node] = []
 
-    async def grow(self, count: int) -> list[Node]:
+    async def grow(self, count: int, clock: _Clock) -> list[Node]:
         """Start nodes until there are ``count``; returns the new ones."""
         before = len(self.nodes)
         while len(self.nodes) < min(count, SEEDS):
@@ -204,10 +214,19 @@ class _Swarm:
                 config = node_config(self.root, f"n{i}", boot)
                 batch[i] = await self.nursery.start(_hold_node, config, self.stop)
 
+            started = clock.elapsed()
             async with trio.open_nursery() as starting:
                 for i in range(first, min(first + START_BATCH, count)):
                     starting.start_soon(start, i)
             self.nodes.extend(batch[i] for i in sorted(batch))
+            with trio.move_on_after(BATCH_JOIN_TIMEOUT):
+                for node in batch.values():
+                    await node.bootstrap.joined.wait()
+            joined = sum(node.bootstrap.joined.is_set() for node in batch.values())
+            clock.say(
+                f"{len(self.nodes) - before}/{count - before} new nodes started;"
+                f" the last {len(batch)} joined {joined} in {clock.elapsed() - started:.0f} s"
+            )
         return self.nodes[before:]
 
 
@@ -239,11 +258,9 @@ async def _bootstrap(nodes: list[Node], new: list[Node], clock: _Clock) -> None:
     node has just after it joins.
     """
     with trio.move_on_after(JOIN_TIMEOUT):
-        for i, node in enumerate(new, start=1):
+        for node in new:
             if node not in nodes[:SEEDS]:
                 await node.bootstrap.joined.wait()
-            if i % 20 == 0 or i == len(new):
-                clock.say(f"{i}/{len(new)} new nodes joined")
     late = [n for n in new if n not in nodes[:SEEDS] and not n.bootstrap.joined.is_set()]
     if late:
         never = sum(n.bootstrap.connects == 0 for n in late)
