@@ -3,8 +3,8 @@
 The swarm grows to 50, 100 and 200 nodes (4 and 8 with ``--quick``) in this one process
 on loopback, each a full ``open_node``. New nodes join as every node does: they dial the
 one seed and refresh their routing tables once (``node.bootstrap``), ten at a time, each
-ten once the ten before have joined; the first stage's nodes add small models. At every size finds are
-measured (p95 against the exact-key lookup, and DHT hops: the query rounds of the
+ten once the ten before have joined; the first stage's nodes add small models. At every
+size finds are measured (p95 against the exact-key lookup, and DHT hops: the query rounds of the
 exact-key lookup's walk, ``node.p2p.trace_walks``); at the last size also:
 
 - find: ``Node.find(glob)`` from many asking nodes, for globs with a literal prefix

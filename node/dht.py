@@ -126,7 +126,7 @@ class _VersionRecordValidator(Validator):
     def __init__(
         self,
         acl: Acl | None = None,
-        on_rejected: Callable[[VersionRecord, str], None] | None = None,
+        on_rejected: Callable[[str, VersionRecord | None, str], None] | None = None,
     ) -> None:
         self._acl = acl
         self._on_rejected = on_rejected

@@ -346,13 +346,13 @@ class SyncManager:
                 target = None
             else:
                 changed = True
-            log.info(
-                "model %s now at version %s (%s), %d bytes fetched",
-                name.display,
-                target.version_id.hex()[:12],
-                target.manifest_digest[:19],
-                fetched,
-            )
+                log.info(
+                    "model %s now at version %s (%s), %d bytes fetched",
+                    name.display,
+                    target.version_id.hex()[:12],
+                    target.manifest_digest[:19],
+                    fetched,
+                )
         merge = None
         if (
             resolution is not None

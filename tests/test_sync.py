@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -143,6 +144,34 @@ async def test_sync_never_reverts_a_local_change_not_yet_recorded(
         with trio.fail_after(30), pytest.raises(LocalChange, match="changed"):
             await a.sync.switch(NAME, added.digest, [], "delta", replacing=v1.manifest_digest)
         assert _held(a) == added.digest
+
+
+async def test_a_local_change_during_the_switch_leaves_the_sync_not_crashed(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A local add landing while a sync fetched the newer version: the switch refuses to
+    overwrite it (LocalChange), and the sync reports nothing changed. It used to log the
+    version it had given up on, and died of an AttributeError doing so."""
+    async with open_swarm(tmp_path, 2) as (a, b):
+        await _add(a, make_model, NAME.display, 1)
+        with trio.fail_after(60):
+            await b.sync.synchronize_model(NAME.display, a.peer_id)
+        await _add(a, make_model, NAME.display, 2)
+        local = make_model("local.gguf", size=MiB, seed=3)
+        switch = b.sync.switch
+        added: list[str] = []
+
+        async def switch_after_a_local_add(*args: Any, **kwargs: Any) -> int:
+            # As a `dmm add` on b would leave it: the manifest written, no record yet.
+            stored = await trio.to_thread.run_sync(b.store.add_model, NAME.full, local)
+            added.append(stored.digest)
+            return await switch(*args, **kwargs)
+
+        b.sync.switch = switch_after_a_local_add  # type: ignore[method-assign]
+        with trio.fail_after(60):
+            result = await b.sync.synchronize_model(NAME.display, a.peer_id)
+        assert not result["changed"]
+        assert len(added) == 1 and _held(b) == added[0]
 
 
 @asynccontextmanager
