@@ -187,10 +187,10 @@ class _Swarm:
     A batch of `START_BATCH` nodes starts together, and the next once they have joined
     (or `BATCH_JOIN_TIMEOUT` passed), as a network grows. Started all at once, 100 new
     nodes joined a 100-node swarm within a minute: each join dials tens of peers (its
-    lookups' walks) at about 50 ms of CPU a connection, both ends in this process, so the
-    core had minutes of work; every lookup timed out, the nodes whose joins failed kept
+    lookups' walks) at about 40-50 ms of CPU a connection, both ends in this process, so
+    the core had minutes of work; every lookup timed out, the nodes whose joins failed kept
     refreshing their thin routing tables, and the core stayed saturated for good (tables
-    median 1-2 an hour later, every find at 200 nodes missed).
+    median 1-2 half an hour later, every find at 200 nodes missed).
     """
 
     def __init__(self, root: Path, nursery: trio.Nursery, stop: trio.Event) -> None:

@@ -353,17 +353,20 @@ class _YamuxStream(YamuxStream):
         # Defect 30: go-yamux's rule alone. What was read since the last update counts
         # toward `delta` (bytes buffered but unread do not); below half the window the
         # sender still has at least half of it, so nothing is owed yet.
-        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-        if self.target_recv_window - (self.recv_window + buffered) < self._grow_threshold():
+        if not self._credit_owed():
             return
         async with self.window_lock:
-            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
-            if self.target_recv_window - (self.recv_window + buffered) < self._grow_threshold():
+            if not self._credit_owed():
                 return
+            buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
             increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
             self._pending_recv_release = 0
         if increment > 0:
             await self.send_window_update(increment, skip_lock=True)
+
+    def _credit_owed(self) -> bool:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        return self.target_recv_window - (self.recv_window + buffered) >= self._grow_threshold()
 
     async def write(self, data: bytes) -> None:
         view = memoryview(data).cast("B")
