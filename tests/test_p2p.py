@@ -30,7 +30,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.utils import InvalidRecordType
 from libp2p.records.validator import Validator
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
-from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import MAX_WINDOW_SIZE, TYPE_WINDOW_UPDATE, Yamux, YamuxStream
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
@@ -404,33 +404,44 @@ async def test_stream_errors_are_trio_errors() -> None:
 
 async def test_cut_streams_are_broken_not_eof() -> None:
     """Defect 11: a stream cut off by a reset or a closed connection read as a clean EOF,
-    so truncated data looked complete. Both ends now see BrokenResourceError."""
-    outcome: list[type[BaseException]] = []
-    reading = trio.Event()
-    cut = trio.Event()
+    so truncated data looked complete. Both ends now see BrokenResourceError.
 
-    async def reader(stream: Stream) -> None:
-        reading.set()
-        try:
-            await read_all(stream)
-        except trio.BrokenResourceError as exc:
-            outcome.append(type(exc))
-            cut.set()
-            raise
-
-    with trio.fail_after(10):
+    Twelve rounds, because one way in was a race: a GO_AWAY marks the connection shutting
+    down, then waits for a lock to reset its streams, and a read in between saw a clean
+    end of stream (half the rounds did once reads stopped sending window updates)."""
+    with trio.fail_after(60):
         async with hosts(2) as (a, b):
-            a.set_stream_handler(SINK, reader)
-            await b.connect(a.listen_addrs[0])
-            stream = await b.open_stream(a.peer_id, SINK)
-            await stream.send_all(b"partial")
-            await stream.flush()
-            await reading.wait()
-            await b.disconnect(a.peer_id)
-            await cut.wait()
-            assert outcome == [trio.BrokenResourceError]
-            with pytest.raises(trio.BrokenResourceError):
-                await stream.receive_some()
+            for _ in range(12):
+                outcome: list[type[BaseException]] = []
+                reading = trio.Event()
+                cut = trio.Event()
+
+                async def reader(
+                    stream: Stream,
+                    outcome: list[type[BaseException]] = outcome,
+                    reading: trio.Event = reading,
+                    cut: trio.Event = cut,
+                ) -> None:
+                    reading.set()
+                    try:
+                        await read_all(stream)
+                    except trio.BrokenResourceError as exc:
+                        outcome.append(type(exc))
+                        raise
+                    finally:
+                        cut.set()
+
+                a.set_stream_handler(SINK, reader)
+                await b.connect(a.listen_addrs[0])
+                stream = await b.open_stream(a.peer_id, SINK)
+                await stream.send_all(b"partial")
+                await stream.flush()
+                await reading.wait()
+                await b.disconnect(a.peer_id)
+                await cut.wait()
+                assert outcome == [trio.BrokenResourceError]
+                with pytest.raises(trio.BrokenResourceError):
+                    await stream.receive_some()
 
 
 async def test_small_writes_are_coalesced_and_arrive_in_order() -> None:
@@ -462,6 +473,69 @@ async def test_small_writes_are_coalesced_and_arrive_in_order() -> None:
             await sink.done.wait()
             assert sink.received == [(b.peer_id, expected)]
             await stream.aclose()
+
+
+async def test_window_updates_wait_for_half_the_window_to_be_read() -> None:
+    """Defect 30: every read that returned data sent a window update, a frame of its own.
+
+    300 small request/answer rounds on one stream send no window update either way (a
+    fraction of the window was read); 1 MiB more on it still arrives whole, crediting
+    the sender back once each half window is read."""
+    rounds, size, bulk = 300, 100, 1024 * 1024
+    sent_updates: dict[str, int] = {}
+
+    def count_window_updates(host: P2PHost) -> None:
+        (conn,) = swarm_of(host).get_connections()
+        muxed = conn.muxed_conn
+        write = muxed._write_frame  # type: ignore[attr-defined]
+
+        async def counting(frame: bytes) -> None:
+            if frame[1] == TYPE_WINDOW_UPDATE and int.from_bytes(frame[2:4], "big") == 0:
+                sent_updates[host.peer_id] = sent_updates.get(host.peer_id, 0) + 1
+            await write(frame)
+
+        muxed._write_frame = counting  # type: ignore[attr-defined]
+
+    bulk_received = trio.Event()
+    received: list[int] = []
+
+    async def answer(stream: Stream) -> None:
+        for _ in range(rounds):
+            request = await receive_exactly(stream, size)
+            await stream.send_all(request[::-1])
+            await stream.flush()
+        received.append(len(await read_all(stream)))
+        bulk_received.set()
+
+    with trio.fail_after(30):
+        async with hosts(2) as (a, b):
+            a.set_stream_handler(ECHO, answer)
+            await b.connect(a.listen_addrs[0])
+            count_window_updates(a)
+            count_window_updates(b)
+            stream = await b.open_stream(a.peer_id, ECHO)
+            for i in range(rounds):
+                request = i.to_bytes(4, "big") * (size // 4)
+                await stream.send_all(request)
+                await stream.flush()
+                assert await receive_exactly(stream, size) == request[::-1]
+            assert sent_updates == {}
+            await stream.send_all(os.urandom(bulk))
+            await stream.send_eof()
+            await bulk_received.wait()
+            assert received == [bulk]
+            # The window is 256 KiB: 1 MiB needs at least three credits back.
+            assert 3 <= sent_updates.get(a.peer_id, 0) <= bulk // (128 * 1024)
+            await stream.aclose()
+
+
+async def receive_exactly(stream: Stream, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = await stream.receive_some(size - len(data))
+        assert chunk, "end of stream"
+        data += chunk
+    return bytes(data)
 
 
 async def test_cancelled_reads_and_writes_leave_the_connection_usable() -> None:
