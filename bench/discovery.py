@@ -288,12 +288,18 @@ async def _quiet(clock: _Clock) -> None:
     """Wait until this process's CPU use over one second falls below `QUIET_CPU`, or
     `QUIET_MAX_WAIT` passes."""
     started = time.perf_counter()
+    share = math.inf
     while time.perf_counter() - started < QUIET_MAX_WAIT:
         cpu, wall = time.process_time(), time.perf_counter()
         await trio.sleep(1.0)
-        if (time.process_time() - cpu) / (time.perf_counter() - wall) < QUIET_CPU:
-            break
-    clock.say(f"swarm quiet after {time.perf_counter() - started:.0f} s")
+        share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+        if share < QUIET_CPU:
+            clock.say(f"swarm quiet after {time.perf_counter() - started:.0f} s")
+            return
+    clock.say(
+        f"swarm NOT quiet after {time.perf_counter() - started:.0f} s:"
+        f" {share:.0%} of a core over the last second"
+    )
 
 
 def _make_models(folder: Path, names: Sequence[str]) -> dict[str, Path]:
