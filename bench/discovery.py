@@ -316,17 +316,6 @@ async def _add(node: Node, name: str, path: Path) -> None:
     await node.refresh()
 
 
-@dataclass(slots=True)
-class _Adding:
-    """An `_add` that notes whether it ran to its end (it may be cut off)."""
-
-    finished: bool = False
-
-    async def run(self, node: Node, name: str, path: Path) -> None:
-        await _add(node, name, path)
-        self.finished = True
-
-
 # ---------------------------------------------------------------------------- find
 
 
@@ -523,11 +512,10 @@ async def _measure_propagation(
         neighbour = await _mesh_neighbour(origin, others)
         current = _Round(parse_model_name(name).full, {n.peer_id for n in others})
         watcher.round = current
-        adding = _Adding()
         async with trio.open_nursery() as nursery:
             # ``refresh`` announces the new version as soon as it is signed, then
             # provides it in the DHT: the round is timed from the announcement.
-            nursery.start_soon(adding.run, origin, name, paths[name])
+            nursery.start_soon(_add, origin, name, paths[name])
             with trio.move_on_after(ANNOUNCE_TIMEOUT):
                 await current.announced.wait()
             if current.announced.is_set():
@@ -537,7 +525,7 @@ async def _measure_propagation(
                 clock.say(f"round {i}: the origin did not announce in {ANNOUNCE_TIMEOUT:g} s")
             watcher.round = None
             nursery.cancel_scope.deadline = trio.current_time() + PROVIDE_GRACE
-        if not adding.finished:
+        if nursery.cancel_scope.cancelled_caught:
             clock.say(f"round {i}: the origin's provides cut off {PROVIDE_GRACE:g} s after it")
         misses += len(current.waiting)
         arrived = current.arrived
