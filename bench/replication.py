@@ -198,13 +198,16 @@ async def _run(root: Path, quick: bool) -> list[Figure]:
             arrivals: list[float] = []
             for node in nodes:
                 _observe(node, arrivals)
-            # Every peer provides the model and puts its version record as it starts; with
-            # 20 peers in this process that takes minutes, and measuring during it
-            # measures the DHT start-up (probes and pings of over a second), not
-            # replication. Wait for it, as a fixed pause alone did not.
+            # Every peer provides the model's keys (seven DHT walks) and puts its version
+            # record as it starts; with 20 peers in this process that takes minutes, and
+            # measuring during it measures the DHT start-up (probes and pings of over a
+            # second, or no holder answering at all), not replication. A version counts
+            # as published once signed, before its walks: wait for those too.
             full = parse_model_name("shared:v1").full
             with trio.fail_after(900):
-                while not all(full in node.published() for node in nodes):
+                while not all(
+                    full in node.published() and node.dht.provides_in_flight == 0 for node in nodes
+                ):
                     await trio.sleep(0.5)
             progress("replication: every peer has published the shared model")
             # Let the rest of start-up (DHT bootstrap, first gossip) finish first: it

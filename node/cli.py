@@ -514,7 +514,9 @@ def cmd_node_status(args: argparse.Namespace, config: Config) -> int:
     print(f"p2p       {' '.join(status['listen'])}")
     print(f"api       {' '.join(status['api'])}")
     print(f"peers     {status['peers']} connected, {status['dht_routing_table']} in the DHT table")
-    print(f"models    {status['models']} in the store, {status['published']} provided")
+    providing = status.get("dht_provides_in_flight", 0)
+    spreading = f" ({providing} provide walks under way)" if providing else ""
+    print(f"models    {status['models']} in the store, {status['published']} provided{spreading}")
     print(f"uptime    {status['uptime']:.0f}s")
     hooks = status.get("hooks", {})
     own = {

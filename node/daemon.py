@@ -503,6 +503,7 @@ class Node:
             "api": self.api_urls,
             "peers": len(self.host.connected_peers()),
             "dht_routing_table": self.dht.routing_table_size(),
+            "dht_provides_in_flight": self.dht.provides_in_flight,
             "models": len(models),
             "published": len(self._published),
             "uptime": round(trio.current_time() - self.started_at, 3),

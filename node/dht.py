@@ -212,6 +212,7 @@ class Dht:
         # Version key -> the record we last put under it, until a newer one shows up.
         self._put: dict[str, VersionRecord] = {}
         self._reprovide_requested = trio.Event()
+        self._provides_in_flight = 0
         self.stats = DhtStats()
         # Called with (operation, seconds) after each lookup: the metrics listen.
         self.query_listeners: list[Callable[[str, float], None]] = []
@@ -322,10 +323,20 @@ class Dht:
             )
         return ProviderInfo(str(info.peer_id), tuple(addr + suffix for addr in transport))
 
+    @property
+    def provides_in_flight(self) -> int:
+        """Provides (first ones and re-provides) started and not yet done, paced ones
+        included: each is a walk of the DHT."""
+        return self._provides_in_flight
+
     async def _provide_once(self, key: str, key_bytes: bytes) -> bool:
-        async with self._provide_walks:
-            await self._pacer.wait()
-            sent = await self._kad.provide_key(key_bytes)
+        self._provides_in_flight += 1
+        try:
+            async with self._provide_walks:
+                await self._pacer.wait()
+                sent = await self._kad.provide_key(key_bytes)
+        finally:
+            self._provides_in_flight -= 1
         if key not in self._provided:
             # `unprovide` ran while this provide was in flight.
             self._kad.stop_providing(key_bytes)

@@ -303,6 +303,11 @@ class _StateCollector(Collector):
             "Peers in the DHT routing table",
             value=node.dht.routing_table_size(),
         )
+        yield GaugeMetricFamily(
+            "dmm_dht_provides_in_flight",
+            "Provide walks started and not yet done (first provides and re-provides)",
+            value=node.dht.provides_in_flight,
+        )
         health = GaugeMetricFamily(
             "dmm_replicas", "Replica holders of this node's models, by health", labels=["health"]
         )

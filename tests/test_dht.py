@@ -199,12 +199,14 @@ async def test_a_node_walks_for_a_few_provides_at_a_time() -> None:
             await star(provider, others)
             kad = provider.dht._kad
             walking = most = 0
+            in_flight: list[int] = []
             provide_key = kad.provide_key
 
             async def counted(key: bytes) -> bool:
                 nonlocal walking, most
                 walking += 1
                 most = max(most, walking)
+                in_flight.append(provider.dht.provides_in_flight)
                 try:
                     return await provide_key(key)
                 finally:
@@ -221,6 +223,9 @@ async def test_a_node_walks_for_a_few_provides_at_a_time() -> None:
                     nursery.start_soon(provide, key)
             assert sent == [True] * len(keys)
             assert most == PROVIDE_WALKS
+            # Those waiting for a walk count as under way: the node is not settled.
+            assert max(in_flight) == len(keys)
+            assert provider.dht.provides_in_flight == 0
             for key in keys:
                 assert ids(await others[0].dht.find_providers(key)) == [provider.peer_id]
 
