@@ -1120,6 +1120,10 @@ KAD_CLOSE_WAIT = 2.0
 # How long the pool remembers that a peer answered a request (a provide asks whether
 # the peers of its walk, a few seconds long, did).
 KAD_ANSWER_MEMORY = 300.0
+# After a walk that found fewer than BUCKET_SIZE peers in all, every one of them
+# answering, a provide this soon after tells them all without walking again: in a
+# network that small, the closest peers to any key are all of them.
+KAD_WHOLE_NETWORK_MEMORY = 60.0
 
 
 def _to_dmm_kad(protocol_id: TProtocol) -> TProtocol:
@@ -1527,6 +1531,8 @@ class KadDht(KadDHT):
         self._provider_rate_max = KAD_ADD_PROVIDER_LIMIT
         # Defect 26: the library's own limiter (12 in all) is no longer used.
         self._inbound_streams: collections.Counter[ID] = collections.Counter()
+        # When a walk last found the whole network, and its peers (`provide_key`).
+        self._whole_network: tuple[float, frozenset[ID]] | None = None
 
     async def handle_stream(self, stream: INetStream) -> None:
         """Serve one inbound DHT stream, or reset it when its peer, or everyone, already
@@ -1581,10 +1587,12 @@ class KadDht(KadDHT):
             raise ValueError(f"a provider key is 1..{KAD_MAX_PROVIDER_KEY_BYTES} bytes")
         store = self.provider_store
         store.add_provider(key, PeerInfo(self.local_peer_id, self.host.get_addrs()))
-        # The provider lookup's walk finds the closest peers, and caches the providers
-        # they name on the way, as `find_providers_of` does.
-        walked = await self._provider_walk(key, self._providers_asker(key, None), lambda: False)
-        closest = walked[:BUCKET_SIZE]
+        closest = self._closest_in_whole_network(key)
+        if closest is None:
+            # The provider lookup's walk finds the closest peers, and caches the providers
+            # they name on the way, as `find_providers_of` does.
+            walked = await self._provider_walk(key, self._providers_asker(key, None), lambda: False)
+            closest = walked[:BUCKET_SIZE]
         told = [0]
 
         async def tell(peer: ID) -> None:
@@ -1677,7 +1685,24 @@ class KadDht(KadDHT):
             seed = await self.peer_routing.find_closest_peers_network(key)
             failed -= undialable  # not asked: the FIND_NODE walk may have found them
             closest = await self._walk(key, ask_dialable, done, seed, answered, failed)
+        # A walk that ran its course asked every peer anyone named, up to BUCKET_SIZE.
+        whole = not done() and not failed and not undialable and len(answered) < BUCKET_SIZE
+        self._whole_network = (trio.current_time(), frozenset(answered)) if whole else None
         return closest
+
+    def _closest_in_whole_network(self, key: bytes) -> list[ID] | None:
+        """The closest peers to `key` without a walk, when a recent walk found the whole
+        network and it has not grown since (no peer in the routing table, or connected,
+        that it did not find); None when a walk is needed."""
+        if self._whole_network is None:
+            return None
+        at, peers = self._whole_network
+        known = {*self.routing_table.get_peer_ids(), *self.host.get_connected_peers()}
+        if trio.current_time() - at > KAD_WHOLE_NETWORK_MEMORY or not known <= peers:
+            self._whole_network = None
+            return None
+        live = [peer for peer in peers if self._dialable(peer)]
+        return sort_peer_ids_by_distance(key, live)[:BUCKET_SIZE]
 
     def _dialable(self, peer: ID) -> bool:
         if peer in self.host.get_connected_peers():

@@ -21,7 +21,7 @@ from libp2p.records.validator import Validator
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.dht import PROVIDE_WALKS, Dht, ProviderInfo, provider_key_bytes
-from node.p2p import KadDht, P2PHost, open_host
+from node.p2p import KadDht, P2PHost, open_host, trace_walks
 from protocols.catalog import index_key_for_glob, index_keys_for_name
 from protocols.errors import LocalProtocolError
 from protocols.records import VersionRecord, hlc_pack, version_key
@@ -187,6 +187,33 @@ async def test_a_provider_lookup_in_a_network_known_whole_is_one_walk() -> None:
             routing.find_closest_peers_network = counted  # type: ignore[method-assign]
             assert ids(await finder.dht.find_providers("/dmm/model/known")) == [provider.peer_id]
             assert closest_walks == 0
+
+
+async def test_provides_in_a_network_a_walk_found_whole_do_not_walk_again() -> None:
+    """In a network smaller than a bucket every provide walk asked everyone: a pulled
+    model's 7 keys cost 7 walks of the whole network. After one walk found it whole,
+    provides tell every peer at once, until a peer the walk did not find shows up."""
+    keys = [f"/dmm/model/w{i}" for i in range(6)]
+    with trio.fail_after(30):
+        async with dht_nodes(6) as nodes:
+            hub, provider, *others, late = nodes
+            await star(hub, [provider, *others])
+            with trace_walks() as walks:
+                for key in keys:
+                    assert await provider.dht.provide(key)
+            assert len(walks) == 1
+            for key in keys:
+                for finder in [hub, *others]:
+                    assert ids(await finder.dht.find_providers(key)) == [provider.peer_id]
+            # A newcomer in the provider's table: the next provide walks, and reaches it.
+            await link(late, provider)
+            with trace_walks() as walks:
+                assert await provider.dht.provide("/dmm/model/after")
+            assert len(walks) == 1
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)  # ADD_PROVIDER has no reply
+            assert late.dht._kad.provider_store.get_providers(
+                provider_key_bytes("/dmm/model/after")
+            )
 
 
 async def test_a_node_walks_for_a_few_provides_at_a_time() -> None:
