@@ -1690,16 +1690,23 @@ class KadDht(KadDHT):
         self._whole_network = (trio.current_time(), frozenset(answered)) if whole else None
         return closest
 
-    def _closest_in_whole_network(self, key: bytes) -> list[ID] | None:
-        """The closest peers to `key` without a walk, when a recent walk found the whole
-        network and it has not grown since (no peer in the routing table, or connected,
-        that it did not find); None when a walk is needed."""
+    def _whole_network_peers(self) -> frozenset[ID] | None:
+        """Every peer of the network, when a recent walk found it whole and it has not
+        grown since (no peer in the routing table, or connected, that the walk did not
+        find); None when that is not known."""
         if self._whole_network is None:
             return None
         at, peers = self._whole_network
         known = {*self.routing_table.get_peer_ids(), *self.host.get_connected_peers()}
         if trio.current_time() - at > KAD_WHOLE_NETWORK_MEMORY or not known <= peers:
             self._whole_network = None
+            return None
+        return peers
+
+    def _closest_in_whole_network(self, key: bytes) -> list[ID] | None:
+        """The closest peers to `key` without a walk, or None when a walk is needed."""
+        peers = self._whole_network_peers()
+        if peers is None:
             return None
         live = [peer for peer in peers if self._dialable(peer)]
         return sort_peer_ids_by_distance(key, live)[:BUCKET_SIZE]
@@ -1799,10 +1806,10 @@ class KadDht(KadDHT):
         answered: set[ID] | None = None,
         failed: set[ID] | None = None,
     ) -> list[ID]:
-        """Ask the peers closest to `key`, `ALPHA` at a time, learning closer peers from
-        each answer, until `done()` or the `BUCKET_SIZE` closest known that answer were
-        all asked: as in Kademlia, a peer that fails to answer gives its place to the
-        next closest.
+        """Ask the peers closest to `key`, `ALPHA` at a time (all at once in a network
+        known whole), learning closer peers from each answer, until `done()` or the
+        `BUCKET_SIZE` closest known that answer were all asked: as in Kademlia, a peer
+        that fails to answer gives its place to the next closest.
 
         Starts from `seed`, the routing table and the connected peers, and walks with
         the operation's own request (defect 19). A walk continuing an earlier one passes
@@ -1817,6 +1824,9 @@ class KadDht(KadDHT):
             if peer not in known:
                 known.append(peer)
         rounds = asked = 0
+        # A walk in a network known whole asks every peer anyway: all at once, in one
+        # round trip rather than ALPHA at a time.
+        width = BUCKET_SIZE if self._whole_network_peers() is not None else ALPHA
 
         async def ask_one(peer: ID) -> None:
             since = trio.current_time()
@@ -1831,7 +1841,7 @@ class KadDht(KadDHT):
         while not done():
             nearest = sort_peer_ids_by_distance(key, known)
             candidates = [p for p in nearest if p not in failed and p != self.local_peer_id]
-            batch = [p for p in candidates[:BUCKET_SIZE] if p not in answered][:ALPHA]
+            batch = [p for p in candidates[:BUCKET_SIZE] if p not in answered][:width]
             if not batch:
                 break
             asked += len(batch)

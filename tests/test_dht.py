@@ -192,7 +192,8 @@ async def test_a_provider_lookup_in_a_network_known_whole_is_one_walk() -> None:
 async def test_provides_in_a_network_a_walk_found_whole_do_not_walk_again() -> None:
     """In a network smaller than a bucket every provide walk asked everyone: a pulled
     model's 7 keys cost 7 walks of the whole network. After one walk found it whole,
-    provides tell every peer at once, until a peer the walk did not find shows up."""
+    provides tell every peer at once and lookups ask every peer at once, until a peer the
+    walk did not find shows up."""
     keys = [f"/dmm/model/w{i}" for i in range(6)]
     with trio.fail_after(30):
         async with dht_nodes(6) as nodes:
@@ -205,6 +206,10 @@ async def test_provides_in_a_network_a_walk_found_whole_do_not_walk_again() -> N
             for key in keys:
                 for finder in [hub, *others]:
                     assert ids(await finder.dht.find_providers(key)) == [provider.peer_id]
+            # Those lookups found the network whole too: the next asks everyone at once.
+            with trace_walks() as walks:
+                assert ids(await hub.dht.find_providers(keys[0])) == [provider.peer_id]
+            assert [(w.rounds, w.asked) for w in walks] == [(1, 4)]
             # A newcomer in the provider's table: the next provide walks, and reaches it.
             await link(late, provider)
             with trace_walks() as walks:
