@@ -80,6 +80,8 @@ PEER_ERRORS = (P2PError, ReplicateError, trio.BrokenResourceError, trio.TooSlowE
 # Probes in a row without an answer before a holder that still accepts connections is
 # called unreachable. A dead process refuses the dial and is unreachable at once.
 SILENT_PROBES = 3
+# Resetting a probe stream we give up on never waits longer than this.
+PROBE_RESET_WAIT = 2.0
 # An accepted request counts as a copy for this long while the target fetches it.
 PENDING_MIN = 60.0
 # A candidate's status (free space, load, tags) is reused for this long: it changes
@@ -172,6 +174,8 @@ class ReplicationManager:
         self._last_enforced: dict[str, float] = {}
         self._probe_streams: dict[str, ReplicateClient] = {}
         self._urgent: set[str] = set()  # globs of policies just set: their models first
+        # The probing of the round under way, which a policy just set cuts short.
+        self._probing: trio.CancelScope | None = None
         self._entries: list[ModelEntry] | None = None
         self._entries_key: tuple[tuple[str, str], ...] = ()
         self._entries_at = 0.0
@@ -246,6 +250,10 @@ class ReplicationManager:
             if policy.matches(view.display):
                 self._last_enforced.pop(name, None)
         self._entries = None  # models without a view yet are read again
+        if self._probing is not None:
+            # Probes only read: the round ends at once and the next starts with this
+            # policy's models, rather than after a holder's probe times out.
+            self._probing.cancel()
         self._wake.set()
 
     def wake(self) -> None:
@@ -353,6 +361,8 @@ class ReplicationManager:
         # Higher priority first, so a short worker pool heals the important models first.
         self._urgent.clear()
         for urgent, _, view, due in sorted(work, key=lambda w: (not w[0], -w[1])):
+            if self._urgent:
+                break  # a policy set during this round: the next one, at once, has it first
             if due:
                 self._last_enforced[view.name] = trio.current_time()
                 async with trio.open_nursery() as nursery:
@@ -363,7 +373,15 @@ class ReplicationManager:
                         nursery.start_soon(self._warm_statuses, view)
                     await self._discover(view)
                     nursery.cancel_scope.cancel()
-            await self._probe_all(view)
+            with trio.CancelScope() as probing:
+                self._probing = probing
+                try:
+                    await self._probe_all(view)
+                finally:
+                    self._probing = None
+            if probing.cancelled_caught:
+                self._last_enforced.pop(view.name, None)  # still due in the next round
+                break
             await self._act(view, enforcing=due)
         self.node.changes.notify()
 
@@ -479,7 +497,9 @@ class ReplicationManager:
     async def _drop_probe_client(self, peer: str) -> None:
         client = self._probe_streams.pop(peer, None)
         if client is not None:
-            await client.stream.reset()
+            # Also when the probe was cancelled: a stream mid-exchange is not kept.
+            with trio.CancelScope(shield=True), trio.move_on_after(PROBE_RESET_WAIT):
+                await client.stream.reset()
 
     # --- acting -------------------------------------------------------------------------
 

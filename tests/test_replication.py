@@ -12,6 +12,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -24,7 +25,7 @@ from node.p2p import KAD_PROTOCOL_ID, Stream, open_host
 from node.replication import ReplicaState, live_pending
 from node.replication_policy import Policy, PolicyDefaults, parse_policy
 from node.testing import node_config
-from protocols.replicate import Status
+from protocols.replicate import Have, HaveReply, ReplicateReply, ReplicateRequest, Status
 from storage.names import parse_model_name
 from tests.conftest import MakeModel, clean_env, dmm
 
@@ -224,6 +225,57 @@ async def test_a_candidate_slow_to_give_its_status_does_not_hold_up_placement(
         # Placed while the stalled status request was still outstanding.
         assert not gave_up.is_set()
         assert not _holds(stuck)
+        release.set()
+
+
+async def test_a_policy_set_mid_round_does_not_wait_for_a_holder_slow_to_answer(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A round probes each holder for up to health_check_timeout (here a minute; the
+    holder's server gives up after 10 s). A policy set while one holder's probe hung
+    waited for that probe to end; now the probing is cut short, and the new policy's
+    copy is asked for while the hung probe is still out."""
+    patient = (
+        '[replication]\nhealth_check_interval = "60s"\nhealth_check_timeout = "60s"\n'
+        'policy_enforcement_interval = "60s"\n'
+    )
+    async with _swarm(tmp_path, [patient] * 3) as (origin, slow, spare):
+        await _add(origin, make_model, "first:v1")
+        await _add(slow, make_model, "first:v1")
+        await _add(origin, make_model, "second:v1")
+        hung, release, gave_up, asked = trio.Event(), trio.Event(), trio.Event(), trio.Event()
+        answer_have = slow.replication.target.answer_have
+
+        async def stalled(peer_id: str, request: Have) -> HaveReply:
+            if parse_model_name(request.name).model == "first":
+                hung.set()
+                try:
+                    await release.wait()
+                finally:
+                    if not release.is_set():  # the server's answer deadline cancelled us
+                        gave_up.set()
+            return await answer_have(peer_id, request)
+
+        slow.replication.target.answer_have = stalled  # type: ignore[method-assign]
+        for node in (slow, spare):
+            answer = node.replication.target.answer_replicate
+
+            async def noted(
+                peer_id: str, request: ReplicateRequest, answer: Any = answer
+            ) -> ReplicateReply:
+                if parse_model_name(request.name).model == "second":
+                    asked.set()
+                return cast(ReplicateReply, await answer(peer_id, request))
+
+            node.replication.target.answer_replicate = noted  # type: ignore[method-assign]
+        first = {"glob": "first*", "min_replicas": 2}
+        await origin.replication.set_replication_policy(parse_policy(first, PolicyDefaults()))
+        with trio.fail_after(30):
+            await hung.wait()
+            second = {"glob": "second*", "min_replicas": 2}
+            await origin.replication.set_replication_policy(parse_policy(second, PolicyDefaults()))
+            await asked.wait()
+        assert not gave_up.is_set()
         release.set()
 
 
