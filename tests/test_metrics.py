@@ -177,6 +177,7 @@ def test_status_view_renders_a_snapshot() -> None:
             "dht_routing_table": 1,
             "models": 2,
             "published": 2,
+            "dht_provides_in_flight": 3,
             "uptime": 75,
             "metrics": {
                 "rate_in": 2_000_000,
@@ -220,6 +221,7 @@ def test_status_view_renders_a_snapshot() -> None:
         "30s ago",
         "announced",
         "dedup x1.50",
+        "2 provided (3 provide walks under way)",
         "replication is not running",
         "1m15s",
     ):
