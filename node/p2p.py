@@ -1121,8 +1121,9 @@ KAD_CLOSE_WAIT = 2.0
 # the peers of its walk, a few seconds long, did).
 KAD_ANSWER_MEMORY = 300.0
 # After a walk that found fewer than BUCKET_SIZE peers in all, every one of them
-# answering, a provide this soon after tells them all without walking again: in a
-# network that small, the closest peers to any key are all of them.
+# answering, a provide this soon after tells them all without walking again, and a walk
+# asks them all at once: in a network that small, the closest peers to any key are all
+# of them.
 KAD_WHOLE_NETWORK_MEMORY = 60.0
 
 
@@ -1685,9 +1686,11 @@ class KadDht(KadDHT):
             seed = await self.peer_routing.find_closest_peers_network(key)
             failed -= undialable  # not asked: the FIND_NODE walk may have found them
             closest = await self._walk(key, ask_dialable, done, seed, answered, failed)
-        # A walk that ran its course asked every peer anyone named, up to BUCKET_SIZE.
-        whole = not done() and not failed and not undialable and len(answered) < BUCKET_SIZE
-        self._whole_network = (trio.current_time(), frozenset(answered)) if whole else None
+        # A walk that ran its course asked every peer anyone named, up to BUCKET_SIZE; one
+        # that `done()` stopped early says nothing either way.
+        if not done():
+            whole = not failed and not undialable and len(answered) < BUCKET_SIZE
+            self._whole_network = (trio.current_time(), frozenset(answered)) if whole else None
         return closest
 
     def _whole_network_peers(self) -> frozenset[ID] | None:

@@ -380,7 +380,8 @@ class ReplicationManager:
                 finally:
                     self._probing = None
             if probing.cancelled_caught:
-                self._last_enforced.pop(view.name, None)  # still due in the next round
+                if due:
+                    self._last_enforced.pop(view.name, None)  # still due in the next round
                 break
             await self._act(view, enforcing=due)
         self.node.changes.notify()

@@ -50,10 +50,11 @@ def header(status: dict[str, Any]) -> RenderableType:
     grid.add_row("p2p", " ".join(status.get("listen", [])))
     grid.add_row("api", " ".join(status.get("api", [])))
     walks = status.get("dht_provides_in_flight", 0)
+    spreading = f" ({walks} provide walks under way)" if walks else ""
     grid.add_row(
         "models",
         f"{status.get('models', 0)} in the store, {status.get('published', 0)} provided"
-        f"{f' ({walks} provide walks under way)' if walks else ''}, "
+        f"{spreading}, "
         f"{_size(metrics.get('storage_bytes', 0))} of blobs, "
         f"dedup x{metrics.get('dedup_ratio', 1.0):.2f}",
     )

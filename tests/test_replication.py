@@ -19,6 +19,7 @@ import pytest
 import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 
+from node import replication_service
 from node.changes import wait_until_any
 from node.daemon import Node, model_key, open_node
 from node.p2p import KAD_PROTOCOL_ID, Stream, open_host
@@ -229,12 +230,13 @@ async def test_a_candidate_slow_to_give_its_status_does_not_hold_up_placement(
 
 
 async def test_a_policy_set_mid_round_does_not_wait_for_a_holder_slow_to_answer(
-    tmp_path: Path, make_model: MakeModel
+    tmp_path: Path, make_model: MakeModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A round probes each holder for up to health_check_timeout (here a minute; the
-    holder's server gives up after 10 s). A policy set while one holder's probe hung
-    waited for that probe to end; now the probing is cut short, and the new policy's
-    copy is asked for while the hung probe is still out."""
+    """A round probes each holder for up to health_check_timeout, here a minute, as
+    long as the holder's server waits for its answer. A policy set while one holder's
+    probe hung waited for that probe to end; now the probing is cut short, and the new
+    policy's copy is asked for while the hung probe is still out."""
+    monkeypatch.setattr(replication_service, "ANSWER_TIMEOUT", 60.0)
     patient = (
         '[replication]\nhealth_check_interval = "60s"\nhealth_check_timeout = "60s"\n'
         'policy_enforcement_interval = "60s"\n'
