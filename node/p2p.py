@@ -151,6 +151,25 @@ Found later, in Yamux over Noise:
     has its answers closes the rest), so the answer's write finds the stream closed: a
     full benchmark run logged 4,861 of them. `_ServedKadStream` drops an answer its
     asker will never read and ends the stream as a clean end of input.
+32. ``KadDHT.run`` starts a maintenance loop that refreshes the routing table at start and
+    every 10 minutes, and republishes the values put through it, besides whatever the
+    application does: a dmm node's bootstrapper already refreshes on join and every 10
+    minutes (node/bootstrap.py), and `Dht` re-puts and re-provides on its own schedule,
+    so every node refreshed twice as often as it meant to, and every version record was
+    put twice. A 100-node swarm in one process that idled at 10 % of a core spent all of
+    it, for minutes, once the refreshes fell due. `KadDht`'s loop only expires records.
+33. Every signed peer record that arrives is parsed and its Ed25519 signature checked,
+    again each time: a ``FIND_NODE`` answer names 20 peers, each with its record, and
+    every gossip RPC carries its sender's, so the same few hundred records were verified
+    over and over (a quarter of the CPU a DHT query cost, both ends counted).
+    `_VerifiedRecords` remembers the records it has verified, by their exact bytes.
+34. ``refresh_routing_table`` looks up our own key, then a random key for every
+    non-empty bucket. Its buckets split on any full one, so their number grows with the
+    table (a node of a 100-node swarm held ~80 peers in 6-9 buckets), and each bucket's
+    key is hashed again by the lookup, so it lands anywhere but in its bucket: a
+    refresh was 7-15 random lookups of 20-30 requests each. `KadDht`'s refresh looks up
+    our key, then one key per prefix length it does not yet know enough peers of
+    (`prefix_lengths_to_refresh`: at 200 nodes, one or two), as in Kademlia.
 """
 
 from __future__ import annotations
@@ -158,6 +177,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import contextvars
+import hashlib
 import logging
 import math
 import os
@@ -177,6 +197,9 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import libp2p.kad_dht.utils
+import libp2p.pubsub.gossipsub
+import libp2p.pubsub.utils
 import trio
 from libp2p.abc import (
     IHost,
@@ -200,7 +223,8 @@ from libp2p.kad_dht.common import PROTOCOL_ID as _LIBRARY_KAD_PROTOCOL_ID
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.kad_dht.pb.kademlia_pb2 import Message, Record
 from libp2p.kad_dht.provider_store import PROVIDER_RECORD_EXPIRATION_INTERVAL
-from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.kad_dht.routing_table import peer_id_to_key
+from libp2p.kad_dht.utils import shared_prefix_len, sort_peer_ids_by_distance
 from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
@@ -209,7 +233,9 @@ from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
+from libp2p.peer.envelope import Envelope, consume_envelope
 from libp2p.peer.id import ID
+from libp2p.peer.peer_record import PeerRecord
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore, PeerStoreError
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
@@ -266,6 +292,8 @@ __all__ = [
     "configure_libp2p_logging",
     "guard_pubsub_streams",
     "open_host",
+    "prefix_lengths_to_refresh",
+    "random_key_at_prefix_length",
 ]
 
 log = logging.getLogger("dmm.p2p")
@@ -988,6 +1016,52 @@ def _check_port_free(addr: Multiaddr) -> None:
             raise OSError(exc.errno, f"cannot listen on {addr}: {exc.strerror}") from exc
 
 
+# Defect 33: signed peer records remembered once verified. A node sees each peer's
+# current record (a few hundred bytes) over and over; a swarm of thousands fits.
+VERIFIED_RECORDS_KEPT = 4096
+
+
+class _VerifiedRecords:
+    """``consume_envelope`` that remembers what it verified (defect 33).
+
+    Verifying is a pure function of the record's bytes and the signature domain, so a
+    record seen before gets the same answer without parsing or checking it again. A
+    record that fails to verify is not remembered: it raises every time, as before.
+    """
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._verified: collections.OrderedDict[tuple[bytes, str], tuple[Envelope, PeerRecord]] = (
+            collections.OrderedDict()
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def __call__(self, data: bytes, domain: str) -> tuple[Envelope, PeerRecord]:
+        key = (bytes(data), domain)
+        known = self._verified.get(key)
+        if known is not None:
+            self._verified.move_to_end(key)
+            self.hits += 1
+            return known
+        verified = consume_envelope(data, domain)
+        self.misses += 1
+        self._verified[key] = verified
+        if len(self._verified) > self._kept:
+            self._verified.popitem(last=False)
+        return verified
+
+
+verified_records = _VerifiedRecords(VERIFIED_RECORDS_KEPT)
+
+
+def _remember_verified_records() -> None:
+    """Route the DHT's and pubsub's record checks through `verified_records`: they call
+    ``consume_envelope`` by the name they imported, so that name is what is replaced."""
+    for module in (libp2p.kad_dht.utils, libp2p.pubsub.utils, libp2p.pubsub.gossipsub):
+        module.consume_envelope = verified_records  # type: ignore[attr-defined]
+
+
 @asynccontextmanager
 async def open_host(
     key_pair: KeyPair,
@@ -1006,6 +1080,7 @@ async def open_host(
     On exit, connections get `_CLOSE_GRACE_SECONDS` to close, then everything is torn down.
     """
     configure_libp2p_logging()
+    _remember_verified_records()
     addrs = [Multiaddr(addr) for addr in listen_addrs]
     for addr in addrs:
         _check_port_free(addr)
@@ -1125,6 +1200,15 @@ KAD_ANSWER_MEMORY = 300.0
 # asks them all at once: in a network that small, the closest peers to any key are all
 # of them.
 KAD_WHOLE_NETWORK_MEMORY = 60.0
+
+
+# Defect 34: the longest prefix length a routing-table refresh looks up (as go-libp2p's
+# maxCplForRefresh): past it a random target takes over 65,000 tries to find, and
+# there are 2 ** 16 times fewer peers than in the whole network.
+KAD_REFRESH_MAX_PREFIX_LENGTH = 15
+# Defect 32: how often expired provider and value records are dropped (the library's
+# maintenance period).
+KAD_EXPIRY_INTERVAL = 600.0
 
 
 def _to_dmm_kad(protocol_id: TProtocol) -> TProtocol:
@@ -1558,6 +1642,14 @@ class KadDht(KadDHT):
             if not held[peer]:
                 del held[peer]
 
+    async def _run_main_loop(self) -> None:
+        """Expire stored records; nothing else (defect 32): the routing table is
+        refreshed by the node's bootstrapper, and `Dht` re-provides and re-puts."""
+        while self.manager.is_running:
+            self.value_store.cleanup_expired()
+            self.provider_store.cleanup_expired()
+            await trio.sleep(KAD_EXPIRY_INTERVAL)
+
     @property
     def _validator(self) -> NamespacedValidator:
         return cast(NamespacedValidator, self.validator)
@@ -1800,6 +1892,29 @@ class KadDht(KadDHT):
 
     # ------------------------------------------------------------------- lookups
 
+    async def refresh_routing_table(self) -> None:
+        """Fill the routing table as Kademlia's refresh does (defect 34): look up our own
+        key, which finds the peers closest to us and every peer of the prefix lengths
+        they share with us, then a random key at each shorter prefix length whose
+        peers the table holds fewer than `BUCKET_SIZE` of."""
+        own = peer_id_to_key(self.local_peer_id)
+        await self._look_up(self.local_peer_id.to_bytes())
+        keys = [peer_id_to_key(peer) for peer in self.routing_table.get_peer_ids()]
+        for prefix_length in prefix_lengths_to_refresh(own, keys):
+            await self._look_up(random_key_at_prefix_length(own, prefix_length))
+
+    async def _look_up(self, target: bytes) -> None:
+        """Walk to the peers closest to `target` with ``FIND_NODE``. The library adds
+        each peer an answer names to the table, and each peer it asks, if its addresses
+        are known by then; a peer that dialed us may have sent them only in its answer,
+        so every peer that answered is added once the walk is over."""
+
+        async def ask(peer: ID) -> list[ID]:
+            return await self.peer_routing._query_peer_for_closest(peer, target)
+
+        for peer in await self._walk(target, ask, lambda: False):
+            await self.routing_table.add_peer(peer)
+
     async def _walk(
         self,
         key: bytes,
@@ -1856,6 +1971,35 @@ class KadDht(KadDHT):
         if traces is not None:
             traces.append(WalkTrace(rounds, asked))
         return sort_peer_ids_by_distance(key, list(answered))
+
+
+def prefix_lengths_to_refresh(own: bytes, keys: Iterable[bytes]) -> list[int]:
+    """The prefix lengths a routing-table refresh looks up a random key at, given our
+    key and the table's (defect 34).
+
+    A lookup of our own key ends having asked the `BUCKET_SIZE` peers closest to us, so
+    every prefix length from the farthest of those on is known in full; a shorter one
+    needs a lookup of its own only while the table holds fewer than `BUCKET_SIZE` peers
+    of it. In a network under `BUCKET_SIZE` peers the self lookup found them all.
+    """
+    lengths = sorted((shared_prefix_len(own, key) for key in keys), reverse=True)
+    if len(lengths) < BUCKET_SIZE:
+        return []
+    held = collections.Counter(lengths)
+    known_from = min(lengths[BUCKET_SIZE - 1], KAD_REFRESH_MAX_PREFIX_LENGTH)
+    return [length for length in range(known_from) if held[length] < BUCKET_SIZE]
+
+
+def random_key_at_prefix_length(own: bytes, prefix_length: int) -> bytes:
+    """A random lookup target whose key (its SHA-256, as the DHT hashes every target)
+    shares exactly `prefix_length` leading bits with `own`. Found by trying, as
+    go-libp2p-kbucket does: 2 ** (prefix_length + 1) tries on average."""
+    if not 0 <= prefix_length <= KAD_REFRESH_MAX_PREFIX_LENGTH:
+        raise ValueError(f"a prefix length is 0..{KAD_REFRESH_MAX_PREFIX_LENGTH}")
+    while True:
+        target = os.urandom(32)
+        if shared_prefix_len(own, hashlib.sha256(target).digest()) == prefix_length:
+            return target
 
 
 def _value_key_bytes(key: str) -> bytes:

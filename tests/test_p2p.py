@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from typing import Any, cast
 
+import libp2p.kad_dht.kad_dht
 import pytest
 import trio
 import trio.testing
@@ -20,11 +21,13 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.common import BUCKET_SIZE
 from libp2p.kad_dht.common import PROTOCOL_ID as LIBRARY_KAD_PROTOCOL_ID
 from libp2p.kad_dht.pb.kademlia_pb2 import Message
-from libp2p.kad_dht.utils import sort_peer_ids_by_distance
+from libp2p.kad_dht.utils import shared_prefix_len, sort_peer_ids_by_distance
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.network.swarm import Swarm
+from libp2p.peer.envelope import seal_record
 from libp2p.peer.id import ID
+from libp2p.peer.peer_record import PeerRecord
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pubsub import Pubsub
@@ -37,6 +40,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from libp2p.utils.varint import encode_varint_prefixed
 from multiaddr import Multiaddr
 
+from node import p2p
 from node.p2p import (
     COALESCE_BYTES,
     KAD_ADD_PROVIDER_LIMIT,
@@ -54,10 +58,14 @@ from node.p2p import (
     configure_libp2p_logging,
     guard_pubsub_streams,
     open_host,
+    prefix_lengths_to_refresh,
+    random_key_at_prefix_length,
+    trace_walks,
 )
 from node.testing import free_port
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
+PEER_RECORD_DOMAIN = "libp2p-peer-record"
 ECHO = "/dmm/test-echo/1"
 SINK = "/dmm/test-sink/1"
 
@@ -746,7 +754,7 @@ KadNode = tuple[P2PHost, KadDht]
 async def kad_nodes(
     count: int, namespaces: tuple[str, ...] = ("t",)
 ) -> AsyncIterator[list[KadNode]]:
-    """`count` hosts running `KadDht`, alone: each service has done its start-up refresh."""
+    """`count` hosts running `KadDht`, alone."""
     async with hosts(count) as all_hosts, AsyncExitStack() as stack:
         nodes = [(host, KadDht(host, {ns: Newest() for ns in namespaces})) for host in all_hosts]
         for _, dht in nodes:
@@ -1084,6 +1092,146 @@ async def test_an_answer_its_asker_stopped_waiting_for_is_dropped_quietly(
             assert await asker[1].get_newest_value("/t/small") == b"8"
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == []
+
+
+async def test_the_dht_leaves_refreshing_and_republishing_to_the_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect 32: the library's maintenance loop refreshed the routing table and put our
+    values again on its own schedule, besides the node's. Here its period is cut to 10 ms:
+    three rounds of expiry must pass without a refresh or a republish."""
+    monkeypatch.setattr(p2p, "KAD_EXPIRY_INTERVAL", 0.01)
+    monkeypatch.setattr(libp2p.kad_dht.kad_dht, "ROUTING_TABLE_REFRESH_INTERVAL", 0.01)
+    with trio.fail_after(20):
+        async with hosts(2) as (a, b):
+            dhts = [KadDht(host, {"t": Newest()}) for host in (a, b)]
+            dht = dhts[0]
+            refreshes: list[bytes] = []
+            expiries = 0
+            expired_thrice = trio.Event()
+
+            async def refresh() -> None:
+                refreshes.append(b"")
+
+            def cleanup_expired() -> int:
+                nonlocal expiries
+                expiries += 1
+                if expiries == 3:
+                    expired_thrice.set()
+                return 0
+
+            async def republish(*args: Any) -> None:
+                refreshes.append(b"republish")
+
+            monkeypatch.setattr(dht.peer_routing, "refresh_routing_table", refresh)
+            monkeypatch.setattr(dht.provider_store, "cleanup_expired", cleanup_expired)
+            monkeypatch.setattr(dht.value_store, "_republish_records", republish)
+            async with AsyncExitStack() as stack:
+                for each in dhts:
+                    await stack.enter_async_context(background_trio_service(each))
+                await kad_link((a, dhts[0]), (b, dhts[1]))
+                await dht.put_value("/t/v", b"1")
+                await expired_thrice.wait()
+            assert refreshes == []
+
+
+def test_a_verified_peer_record_is_not_verified_again() -> None:
+    """Defect 33: the same signed peer records, checked again in every DHT answer and
+    gossip RPC, cost a quarter of a DHT query's CPU. A record that does not verify is
+    refused every time, and the oldest records are forgotten past the limit."""
+    records = p2p._VerifiedRecords(2)
+    envelopes = []
+    for _ in range(3):
+        keys = create_new_key_pair()
+        record = PeerRecord(ID.from_pubkey(keys.public_key), [Multiaddr(LOOPBACK)])
+        envelopes.append(seal_record(record, keys.private_key).marshal_envelope())
+    first = records(envelopes[0], PEER_RECORD_DOMAIN)
+    assert records(envelopes[0], PEER_RECORD_DOMAIN) is first
+    assert (records.hits, records.misses) == (1, 1)
+
+    forged = bytearray(envelopes[0])
+    forged[-1] ^= 1
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - the library raises what it likes
+            records(bytes(forged), PEER_RECORD_DOMAIN)
+    with pytest.raises(Exception):  # noqa: B017 - the same bytes under another domain
+        records(envelopes[0], "another-domain")
+
+    records(envelopes[1], PEER_RECORD_DOMAIN)
+    records(envelopes[2], PEER_RECORD_DOMAIN)  # the oldest, envelopes[0], goes
+    assert records(envelopes[0], PEER_RECORD_DOMAIN) is not first
+    assert records.hits == 1
+
+
+async def test_dht_answers_check_each_peers_record_once() -> None:
+    """Defect 33 in place: a second FIND_NODE naming the same peers checks no record."""
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (asker, server, other):
+            await kad_link(asker, server)
+            await kad_link(other, server)
+            key = multihash("/dmm/model/r")
+            assert await asker[1].peer_routing._query_peer_for_closest(server[1].local_peer_id, key)
+            misses = p2p.verified_records.misses
+            hits = p2p.verified_records.hits
+            assert await asker[1].peer_routing._query_peer_for_closest(server[1].local_peer_id, key)
+            assert p2p.verified_records.misses == misses
+            assert p2p.verified_records.hits >= hits + 2  # the server's own, and other's
+
+
+def key_at(own: bytes, prefix_length: int) -> bytes:
+    """A key sharing exactly `prefix_length` leading bits with `own`."""
+    value = int.from_bytes(own, "big") ^ (1 << (255 - prefix_length))
+    value ^= int.from_bytes(os.urandom(32), "big") >> (prefix_length + 1)
+    return value.to_bytes(32, "big")
+
+
+def test_a_refresh_looks_up_only_the_prefix_lengths_it_lacks_peers_of() -> None:
+    """Defect 34: the library's refresh looked up a key per bucket (7-15 lookups at 100
+    nodes). After the self lookup, the BUCKET_SIZE closest peers are known, and so is
+    every prefix length from the farthest of theirs on; a shorter one is looked up only
+    while the table holds fewer than BUCKET_SIZE of its peers."""
+    own = os.urandom(32)
+    assert all(shared_prefix_len(own, key_at(own, n)) == n for n in range(40))
+    # A 200-node network as a table holds it: prefix length 0 full, 1 and 2 thin,
+    # 3 and beyond (the 20 closest are at 4 and beyond, and 3) known from the lookup.
+    table = [
+        key_at(own, n)
+        for n, count in {0: 60, 1: 19, 2: 5, 3: 9, 4: 6, 5: 5, 6: 3}.items()
+        for _ in range(count)
+    ]
+    assert prefix_lengths_to_refresh(own, table) == [1, 2]
+    assert prefix_lengths_to_refresh(own, table[:19]) == []  # a table under a bucket
+    # No prefix length past the limit, however close the peers.
+    deep = [key_at(own, 30) for _ in range(BUCKET_SIZE)]
+    assert prefix_lengths_to_refresh(own, deep) == list(range(p2p.KAD_REFRESH_MAX_PREFIX_LENGTH))
+
+
+def test_a_refresh_target_hashes_into_its_prefix_length() -> None:
+    """The DHT hashes a lookup's target: the library's refresh keys, drawn from each
+    bucket's range of hashes, landed anywhere once hashed again."""
+    own = os.urandom(32)
+    for prefix_length in range(8):
+        target = random_key_at_prefix_length(own, prefix_length)
+        assert shared_prefix_len(own, hashlib.sha256(target).digest()) == prefix_length
+    with pytest.raises(ValueError):
+        random_key_at_prefix_length(own, p2p.KAD_REFRESH_MAX_PREFIX_LENGTH + 1)
+
+
+async def test_a_refresh_in_a_small_network_is_one_lookup_that_finds_everyone() -> None:
+    """Under BUCKET_SIZE peers, the self lookup finds them all, and nothing else is looked
+    up: the library's refresh walked once more for each of its buckets."""
+    with trio.fail_after(30):
+        async with kad_nodes(6) as nodes:
+            hub, *rest = nodes
+            for node in rest:
+                await kad_link(node, hub)
+            newcomer = rest[0][1]
+            with trace_walks() as walks:
+                await newcomer.refresh_routing_table()
+            assert len(walks) == 1
+            assert set(newcomer.routing_table.get_peer_ids()) == {
+                dht.local_peer_id for _, dht in nodes if dht is not newcomer
+            }
 
 
 def test_dht_stream_ends_are_not_warnings(caplog: pytest.LogCaptureFixture) -> None:
