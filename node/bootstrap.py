@@ -42,10 +42,9 @@ CHECK_INTERVAL = 10.0
 # A routing-table peer we connected to is not dialed again for this long, should the
 # connection end (a peer over its high watermark prunes the idle ones).
 REDIAL_AFTER = 30.0
-# A join's routing-table refresh keeps what it found by then. The library bounds each
-# query, not the walk (one per non-empty bucket, each up to 30 s, and stream closes with
-# no deadline): unbounded, a stalled walk held the node "not joined" and stopped it
-# dialing its bootstrap peers again.
+# A join's routing-table refresh keeps what it found by then. Each request is bounded,
+# not the refresh (a few walks, each as long as its slowest round): unbounded, a stalled
+# walk held the node "not joined" and stopped it dialing its bootstrap peers again.
 REFRESH_TIMEOUT = 120.0
 # Kademlia refreshes its buckets periodically (go-libp2p-kad-dht: every 10 min); the
 # library's own refresher is off (it comes with its random-walk auto-dialer).

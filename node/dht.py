@@ -241,7 +241,7 @@ class Dht:
         return added
 
     async def refresh(self) -> None:
-        """Look up our own id and a random id per bucket, filling the routing table."""
+        """Look up our own key, and random keys where the table is thin, filling it."""
         await self._kad.refresh_routing_table()
 
     def _timed(self, op: str, started: float) -> None:
