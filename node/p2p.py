@@ -160,8 +160,9 @@ Found later, in Yamux over Noise:
     it, for minutes, once the refreshes fell due. `KadDht`'s loop only expires records.
 33. Every signed peer record that arrives is parsed and its Ed25519 signature checked,
     again each time: a ``FIND_NODE`` answer names 20 peers, each with its record, and
-    every gossip RPC carries its sender's, so the same few hundred records were verified
-    over and over (a quarter of the CPU a DHT query cost, both ends counted).
+    every gossip RPC and identify answer carries its sender's, so the same few hundred
+    records were verified over and over (a quarter of the CPU a DHT query cost, both
+    ends counted).
     `_VerifiedRecords` remembers the records it has verified, by their exact bytes.
 34. ``refresh_routing_table`` looks up our own key, then a random key for every
     non-empty bucket. Its buckets split on any full one, so their number grows with the
@@ -197,6 +198,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
+import libp2p.identity.update
 import libp2p.kad_dht.utils
 import libp2p.pubsub.gossipsub
 import libp2p.pubsub.utils
@@ -1056,9 +1058,15 @@ verified_records = _VerifiedRecords(VERIFIED_RECORDS_KEPT)
 
 
 def _remember_verified_records() -> None:
-    """Route the DHT's and pubsub's record checks through `verified_records`: they call
-    ``consume_envelope`` by the name they imported, so that name is what is replaced."""
-    for module in (libp2p.kad_dht.utils, libp2p.pubsub.utils, libp2p.pubsub.gossipsub):
+    """Route identify's, the DHT's and pubsub's record checks through `verified_records`:
+    they call ``consume_envelope`` by the name they imported, so that is what is replaced."""
+    modules = (
+        libp2p.identity.update,
+        libp2p.kad_dht.utils,
+        libp2p.pubsub.utils,
+        libp2p.pubsub.gossipsub,
+    )
+    for module in modules:
         module.consume_envelope = verified_records  # type: ignore[attr-defined]
 
 
