@@ -46,9 +46,12 @@ REDIAL_AFTER = 30.0
 # not the refresh (a few walks, each as long as its slowest round): unbounded, a stalled
 # walk held the node "not joined" and stopped it dialing its bootstrap peers again.
 REFRESH_TIMEOUT = 120.0
-# Kademlia refreshes its buckets periodically (go-libp2p-kad-dht: every 10 min); the
-# library's own refresher is off (it comes with its random-walk auto-dialer).
-REFRESH_INTERVAL = 600.0
+# Kademlia refreshes its table hourly (the paper's tRefresh). go-libp2p-kad-dht's 10
+# minutes come with skipping the prefix lengths a lookup covered since; every refresh
+# dials the peers its walks ask, and at 10 minutes a 200-node swarm in one process spent
+# its whole core on those refreshes' connections once it had grown. New peers still
+# reach the table sooner: those that ask us, and those our lookups' answers name.
+REFRESH_INTERVAL = 3600.0
 # A table thinner than MIN_PEERS after a refresh is refreshed again soon, backing off:
 # a join whose lookups timed out on a busy seed (60 of 80 joining nodes at 100 in one
 # process) kept the seed alone in its table, and so could not top up its connections.

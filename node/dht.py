@@ -172,9 +172,9 @@ class _Pacer:
 class Dht:
     """The node's DHT service: start ``run`` with ``nursery.start``.
 
-    The DHT protocol is served from construction on; ``run`` adds the library's
-    maintenance (a routing-table refresh every 10 minutes, expiry) and our re-providing
-    and re-putting. All methods may be called once ``run`` has started.
+    The DHT protocol is served from construction on; ``run`` adds expiry of stored
+    records and our re-providing and re-putting (the node's bootstrapper refreshes the
+    routing table). All methods may be called once ``run`` has started.
     """
 
     def __init__(
