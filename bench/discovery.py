@@ -39,6 +39,7 @@ import logging
 import math
 import random
 import re
+import resource
 import statistics
 import tempfile
 import time
@@ -87,6 +88,9 @@ PROPAGATION_DEADLINE = 15.0
 # off: at 200 nodes one took 18 minutes on the saturated core.
 ANNOUNCE_TIMEOUT = 120.0
 PROVIDE_GRACE = 60.0
+# Files a node holds besides its connections' sockets (listeners, its database): 5 for
+# a node with no connection; the rest is room for API clients and files being read.
+FILES_PER_NODE = 20
 GOAL_FIND_P95 = 1.0  # seconds
 GOAL_PROPAGATION = 2.0  # seconds to reach every node
 # Between phases, wait until this process uses under this share of a core (an idle
@@ -108,7 +112,12 @@ ONE_HOP = "1 hop (mesh neighbour)"
 def run(quick: bool) -> list[Figure]:
     """find(glob) vs an exact-key DHT lookup at 50/100/200 nodes; announcement to all vs 1 hop"""
     clock = _Clock()
-    with tempfile.TemporaryDirectory(prefix="dmm-bench-") as tmp, _tally_logs() as tally:
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    with (
+        _open_files_for(sizes[-1], clock),
+        tempfile.TemporaryDirectory(prefix="dmm-bench-") as tmp,
+        _tally_logs() as tally,
+    ):
         figures = trio.run(_run, Path(tmp), quick, clock)
     seconds = clock.elapsed()
     clock.say(f"whole run {seconds:.0f} s, set-up and teardown included")
@@ -600,6 +609,33 @@ class _Clock:
 
     def say(self, message: str) -> None:
         progress(f"{BENCH} {self.elapsed():4.0f}s: {message}")
+
+
+@contextmanager
+def _open_files_for(nodes: int, clock: _Clock) -> Iterator[None]:
+    """Raise this process's open-file limit so `nodes` nodes fit, for the run.
+
+    Every connection between two nodes of this one process holds a socket at each end,
+    and a grown swarm's nodes connect to most of the others (each DHT walk dials the
+    peers it asks): 180 nodes ran out of a 20,000-file limit. A node in its own process
+    needs one file per connection. Raising the hard limit needs root (as `swarm` does);
+    without it the soft limit goes up to the hard one, and a short one is reported.
+    """
+    needed = nodes * (nodes - 1) + nodes * FILES_PER_NODE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = max(soft, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(wanted, hard)), hard))
+        clock.say(
+            f"open-file limit {min(wanted, hard)}, under the {needed} that {nodes} nodes"
+            " connected to each other need: raise it (ulimit -n) or run as root"
+        )
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
