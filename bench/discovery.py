@@ -618,8 +618,9 @@ def _open_files_for(nodes: int, clock: _Clock) -> Iterator[None]:
     Every connection between two nodes of this one process holds a socket at each end,
     and a grown swarm's nodes connect to most of the others (each DHT walk dials the
     peers it asks): 180 nodes ran out of a 20,000-file limit. A node in its own process
-    needs one file per connection. Raising the hard limit needs root (as `swarm` does);
-    without it the soft limit goes up to the hard one, and a short one is reported.
+    needs one file per connection. Raising the hard limit takes CAP_SYS_RESOURCE (root
+    outside a container); without it the soft limit goes up to the hard one, and a
+    limit short of the worst case is reported.
     """
     needed = nodes * (nodes - 1) + nodes * FILES_PER_NODE
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -630,7 +631,8 @@ def _open_files_for(nodes: int, clock: _Clock) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(wanted, hard)), hard))
         clock.say(
             f"open-file limit {min(wanted, hard)}, under the {needed} that {nodes} nodes"
-            " connected to each other need: raise it (ulimit -n) or run as root"
+            " connected to each other may need: raise the hard limit (ulimit -Hn, which"
+            " takes CAP_SYS_RESOURCE) if the run fails with 'Too many open files'"
         )
     try:
         yield
