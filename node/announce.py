@@ -160,6 +160,10 @@ class Announcer:
             await pubsub.wait_until_ready()
             subscription = await pubsub.subscribe(ANNOUNCE_TOPIC)
             self._pubsub = pubsub
+            # A trimmed mesh link would have to be grafted again: gossip travels on them.
+            self._host.keep_peers(
+                lambda peer: any(ID.from_base58(peer) in m for m in router.mesh.values())
+            )
             async with trio.open_nursery() as nursery:
                 # Pubsub only notices connections made after it started.
                 for peer in self._host.host.get_connected_peers():

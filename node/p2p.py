@@ -171,6 +171,13 @@ Found later, in Yamux over Noise:
     lookups. `KadDht`'s refresh looks up our key, then one key per prefix length it does
     not yet know enough peers of (`prefix_lengths_to_refresh`), as in Kademlia: a node
     joining a 100-node swarm sent 67 ``FIND_NODE`` requests against 98.
+35. The connection pruner closes no connection that has a stream, and every connection
+    carries pubsub's, so above the high watermark nothing was ever trimmed: every peer a
+    DHT walk asked stayed connected, nodes of a 100-node swarm held 62-99 connections,
+    and a 200-node swarm in one process ran out of open files. `_ConnectionTrimmer` trims
+    as go-libp2p's connection manager does: above the high watermark, down to the low
+    one, the connections whose only streams are pubsub's, past their grace period, and
+    not to a peer the host is told to keep (`P2PHost.keep_peers`: the gossip mesh).
 """
 
 from __future__ import annotations
@@ -231,6 +238,7 @@ from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.network.connection_pruner import ConnectionPruner
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.network.stream.net_stream import NetStream
@@ -301,7 +309,8 @@ __all__ = [
 log = logging.getLogger("dmm.p2p")
 
 # Defect 2: one connection per peer, so a dial returns as soon as it has one. Defect 21:
-# idle connections above 64 are pruned to 48, and nothing dials to make up a number.
+# idle connections above 64 are pruned to 48 (defect 35: "idle" whatever pubsub's
+# streams), and nothing dials to make up a number.
 # max_connections stays at the library's 300: with defect 3 it also sizes the inbound
 # slots (max - min), and a bootstrap seed must take every newcomer's first connection.
 CONNECTION_CONFIG = ConnectionConfig(
@@ -579,9 +588,49 @@ class _NoAutoConnector(AutoConnector):
         return
 
 
+# Defect 35: streams that do not make a connection busy. Pubsub keeps one open each
+# way on every connection for as long as it lasts.
+_PUBSUB_PROTOCOLS = frozenset(
+    {"/meshsub/1.0.0", "/meshsub/1.1.0", "/meshsub/1.2.0", "/floodsub/1.0.0"}
+)
+
+
+class _ConnectionTrimmer(ConnectionPruner):
+    """Trims connections as go-libp2p's connection manager does (defect 35)."""
+
+    def __init__(self, swarm: Swarm) -> None:
+        super().__init__(swarm=swarm, allow_list=swarm.connection_config.allow_list)
+        self.keep: Callable[[ID], bool] = lambda peer: False
+        self.trimmed = 0
+
+    async def _maybe_prune_connections(self) -> None:
+        swarm = self.swarm
+        config = swarm.connection_config
+        connections = swarm.get_connections()
+        if len(connections) <= config.high_watermark:
+            return
+        idle = [c for c in connections if self._trimmable(c, config.grace_period)]
+        # Least in use first, then the oldest.
+        idle.sort(key=lambda c: (len(c.get_streams()), getattr(c, "_created_at", 0.0)))
+        for connection in idle[: len(connections) - config.low_watermark]:
+            log.debug("trimming the connection to %s", connection.muxed_conn.peer_id)
+            self.trimmed += 1
+            with contextlib.suppress(Exception):  # the library raises what it likes
+                await connection.close()
+
+    def _trimmable(self, connection: INetConn, grace_period: float) -> bool:
+        if self._is_connection_within_grace_period(connection, grace_period):
+            return False
+        if self.keep(connection.muxed_conn.peer_id):
+            return False
+        return all(
+            str(stream.get_protocol()) in _PUBSUB_PROTOCOLS for stream in connection.get_streams()
+        )
+
+
 class _Swarm(Swarm):
-    """The library's swarm with its inbound slot returned when a connection closes, and
-    no auto-connector."""
+    """The library's swarm with its inbound slot returned when a connection closes, no
+    auto-connector, and `_ConnectionTrimmer` for its pruner."""
 
     def __init__(
         self,
@@ -600,6 +649,7 @@ class _Swarm(Swarm):
         self.auto_connector = _NoAutoConnector(
             swarm=self, auto_connect_interval=CONNECTION_CONFIG.auto_connect_interval
         )
+        self.connection_pruner = _ConnectionTrimmer(self)
 
     async def _do_handle_inbound_connection(
         self, read_write_closer: ReadWriteCloser, maddr: Multiaddr, failure_event: Any
@@ -883,6 +933,11 @@ class P2PHost:
         self._swarm.register_notifee(_ConnectionChanges(self.changes))
         # Set by the node to rate-limit every dmm stream's bytes; None = unmetered.
         self.meter: StreamMeter | None = None
+
+    def keep_peers(self, keep: Callable[[str], bool]) -> None:
+        """Never trim the connection to a peer for which `keep(peer_id)` is true."""
+        pruner = cast(_ConnectionTrimmer, self._swarm.connection_pruner)
+        pruner.keep = lambda peer: keep(str(peer))
 
     @property
     def peer_id(self) -> str:

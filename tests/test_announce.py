@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
@@ -95,6 +96,18 @@ async def gossiping(count: int, **kwargs: int) -> AsyncIterator[list[Node]]:
             await a.announcer.wait_for_peer(b.peer_id, in_mesh=True)
             await b.announcer.wait_for_peer(a.peer_id, in_mesh=True)
         yield nodes
+
+
+async def test_gossip_mesh_links_are_never_trimmed() -> None:
+    """Defect 35: the host trims connections whose only streams are pubsub's; those to
+    our mesh peers carry the gossip, so the announcer tells the host to keep them."""
+    with trio.fail_after(20):
+        async with gossiping(3) as (a, b, c):
+            trimmer = a.host._swarm.connection_pruner
+            assert trimmer._trimmable(a.host._swarm.get_connections()[0], 0) is False
+            for peer in (b, c):
+                assert trimmer.keep(ID.from_base58(peer.peer_id))
+            assert not trimmer.keep(ID.from_base58(a.peer_id))
 
 
 async def test_announced_record_arrives_verified_at_the_others() -> None:

@@ -190,6 +190,44 @@ async def test_no_peer_is_dialed_to_make_up_a_connection_count() -> None:
             assert config.max_connections - config.min_connections >= 250  # defect 3's slots
 
 
+async def test_connections_above_the_high_watermark_are_trimmed_whatever_pubsub_holds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Defect 35: the pruner kept every connection with a stream, and pubsub holds one on
+    every connection, so nothing was ever trimmed (a 200-node swarm in one process ran
+    out of open files). Connections whose only streams are pubsub's go, down to the low
+    watermark; one carrying another stream stays, and so does a peer the host keeps."""
+    config = ConnectionConfig(
+        max_connections_per_peer=1,
+        min_connections=1,
+        low_watermark=2,
+        high_watermark=3,
+        grace_period=0,
+    )
+    monkeypatch.setattr(p2p, "CONNECTION_CONFIG", config)
+    gossip = "/meshsub/1.1.0"
+    held = trio.Event()
+
+    async def hold(stream: Stream) -> None:
+        await held.wait()
+
+    with trio.fail_after(30):
+        async with hosts(6) as (hub, *spokes):
+            hub.set_stream_handler(gossip, hold)
+            hub.set_stream_handler(ECHO, hold)
+            busy, kept = spokes[3], spokes[4]
+            hub.keep_peers(lambda peer: peer == kept.peer_id)
+            for spoke in spokes:
+                await spoke.connect(hub.listen_addrs[0])
+                await spoke.open_stream(hub.peer_id, gossip)
+            await busy.open_stream(hub.peer_id, ECHO)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(hub.connected_peers()) == 5
+            await swarm_of(hub).connection_pruner.maybe_prune_connections()
+            assert sorted(hub.connected_peers()) == sorted([busy.peer_id, kept.peer_id])
+            held.set()
+
+
 async def test_connections_send_no_rtt_pings() -> None:
     """Defect 22: yamux's RTT loop pings every connection every 30 s from both ends, for
     an estimate nothing reads. Ours returns at once and has sent nothing."""
