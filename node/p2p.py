@@ -91,7 +91,7 @@ Found later, in Yamux over Noise:
     dials when it has work (lookups, fetches) and when it is short of peers
     (node/bootstrap.py): `_Swarm` runs no auto-connector, and idle connections above
     the high watermark (64) are pruned down to the low one (48); ones carrying streams
-    never are.
+    other than pubsub's never are (defect 35).
 22. Yamux pings every connection every 30 s, from both ends, to estimate an RTT nothing
     reads: at 100 nodes in one process, sending and answering those pings took ~40 % of
     the core. `_Yamux` sends none (it still answers a peer's).
