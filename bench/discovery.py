@@ -615,10 +615,11 @@ class _Clock:
 def _open_files_for(nodes: int, clock: _Clock) -> Iterator[None]:
     """Raise this process's open-file limit so `nodes` nodes fit, for the run.
 
-    Every connection between two nodes of this one process holds a socket at each end,
-    and a grown swarm's nodes connect to most of the others (each DHT walk dials the
-    peers it asks): 180 nodes ran out of a 20,000-file limit. A node in its own process
-    needs one file per connection. Raising the hard limit takes CAP_SYS_RESOURCE (root
+    Every connection between two nodes of this one process holds a socket at each end.
+    Before connections were trimmed (defect 35 in node/p2p.py) nodes connected to most of
+    the others, and 180 nodes ran out of a 20,000-file limit; trimmed, 170 nodes held
+    about 10,400. The worst case, all to all, is what is asked for. A node in its own
+    process needs one file per connection. Raising the hard limit takes CAP_SYS_RESOURCE (root
     outside a container); without it the soft limit goes up to the hard one, and a
     limit short of the worst case is reported.
     """

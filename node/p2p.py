@@ -238,7 +238,7 @@ from libp2p.network.auto_connector import AutoConnector
 from libp2p.network.config import ConnectionConfig
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.connection.raw_connection import RawConnection
-from libp2p.network.connection_pruner import ConnectionPruner
+from libp2p.network.connection_pruner import ConnectionPruner, is_connection_in_allow_list
 from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.exceptions import StreamEOF, StreamError
 from libp2p.network.stream.net_stream import NetStream
@@ -601,7 +601,6 @@ class _ConnectionTrimmer(ConnectionPruner):
     def __init__(self, swarm: Swarm) -> None:
         super().__init__(swarm=swarm, allow_list=swarm.connection_config.allow_list)
         self.keep: Callable[[ID], bool] = lambda peer: False
-        self.trimmed = 0
 
     async def _maybe_prune_connections(self) -> None:
         swarm = self.swarm
@@ -614,7 +613,6 @@ class _ConnectionTrimmer(ConnectionPruner):
         idle.sort(key=lambda c: (len(c.get_streams()), getattr(c, "_created_at", 0.0)))
         for connection in idle[: len(connections) - config.low_watermark]:
             log.debug("trimming the connection to %s", connection.muxed_conn.peer_id)
-            self.trimmed += 1
             with contextlib.suppress(Exception):  # the library raises what it likes
                 await connection.close()
 
@@ -622,6 +620,8 @@ class _ConnectionTrimmer(ConnectionPruner):
         if self._is_connection_within_grace_period(connection, grace_period):
             return False
         if self.keep(connection.muxed_conn.peer_id):
+            return False
+        if is_connection_in_allow_list(connection, self.swarm):
             return False
         return all(
             str(stream.get_protocol()) in _PUBSUB_PROTOCOLS for stream in connection.get_streams()
