@@ -62,6 +62,9 @@ log = logging.getLogger("dmm.node")
 # A node just started looks up holders only once it has joined through its bootstrap
 # peers, waiting at most this long (a lookup before then asks no one).
 JOIN_WAIT = 10.0
+# A find lists every holder of a match, and each provides the glob's index key: the
+# lookup must not stop at the 20 providers an exact-name lookup needs.
+FIND_MAX_PROVIDERS = 1000
 
 
 def model_key(name: ModelName) -> str:
@@ -520,29 +523,14 @@ class Node:
     async def find(self, glob: str, *, timeout: float = 10.0) -> dict[str, Any]:
         """Models matching ``glob`` anywhere: DHT providers of the index key, asked directly.
 
-        Peers that gossiped a matching version count as holders too and are asked as well;
-        a holder that does not answer in time stays listed but not reachable.
+        Each provider is asked the moment the DHT walk finds it, while the walk goes on,
+        so the first answers do not wait for the slowest step of the lookup. Peers that
+        gossiped a matching version count as holders too and are asked as well; a holder
+        that does not answer in time stays listed but not reachable.
         """
         started = time.monotonic()
         entries: dict[tuple[str, str], FindEntry] = {}
-        providers: set[str] = {self.peer_id}
-        # A lookup cut short still yields what it found (`find_providers(timeout=)`).
-        for info in await self.dht.find_providers(index_key_for_glob(glob), timeout=timeout / 2):
-            providers.add(info.peer_id)
-        for (_, vid), holders in self._gossip.items():
-            record = self._gossip_records[vid]
-            if glob_matches(glob, f"{display_name(record.model)}:{record.tag}"):
-                entry = _entry(
-                    entries,
-                    record.model,
-                    record.tag,
-                    vid,
-                    record.manifest_digest,
-                    record.size,
-                    record.hlc,
-                )
-                entry.holders.update(holders)
-                providers.update(holders)
+        asked: set[str] = set()
         source = StoreCatalogSource(self.store, self.book)
 
         async def ask(peer: str) -> None:
@@ -562,15 +550,43 @@ class Node:
                 entry.holders.add(peer)
                 entry.reachable.add(peer)
 
-        with trio.move_on_after(max(timeout - (time.monotonic() - started), 0.1)):
+        with trio.move_on_after(timeout):
             async with trio.open_nursery() as nursery:
-                for peer in providers:
-                    nursery.start_soon(ask, peer)
+
+                def ask_once(peer: str) -> None:
+                    if peer not in asked:
+                        asked.add(peer)
+                        nursery.start_soon(ask, peer)
+
+                ask_once(self.peer_id)
+                for (_, vid), holders in self._gossip.items():
+                    record = self._gossip_records[vid]
+                    if glob_matches(glob, f"{display_name(record.model)}:{record.tag}"):
+                        entry = _entry(
+                            entries,
+                            record.model,
+                            record.tag,
+                            vid,
+                            record.manifest_digest,
+                            record.size,
+                            record.hlc,
+                        )
+                        entry.holders.update(holders)
+                        for holder in holders:
+                            ask_once(holder)
+                # Every holder of a match provides the index key, so the walk may not stop
+                # at the first few; it stops at half the time so the last found are asked.
+                await self.dht.find_providers(
+                    index_key_for_glob(glob),
+                    FIND_MAX_PROVIDERS,
+                    timeout=timeout / 2,
+                    on_found=lambda info: ask_once(info.peer_id),
+                )
         results = sorted(entries.values(), key=lambda e: (e.name, -e.hlc))
         return {
             "glob": glob,
             "models": [e.to_json() for e in results],
-            "providers_asked": len(providers),
+            "providers_asked": len(asked),
             "seconds": round(time.monotonic() - started, 3),
         }
 

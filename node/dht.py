@@ -291,20 +291,35 @@ class Dht:
         self._reprovide_requested.set()
 
     async def find_providers(
-        self, key: str, count: int = 20, *, timeout: float = math.inf
+        self,
+        key: str,
+        count: int = 20,
+        *,
+        timeout: float = math.inf,
+        on_found: Callable[[ProviderInfo], None] | None = None,
     ) -> list[ProviderInfo]:
         """Up to `count` other peers providing `key`, each once (we never list ourselves).
 
         With a `timeout`, the lookup returns what it found by then (what this node's own
         provider store knows at least) rather than nothing. Their addresses are added to
-        the peerstore, so ``P2PHost.open_stream`` can dial them.
+        the peerstore, so ``P2PHost.open_stream`` can dial them. `on_found` gets each
+        provider the moment the walk finds it, addresses already added.
         """
         if count < 1:
             raise ValueError("count must be at least 1")
         started = trio.current_time()
-        found = await self._kad.find_providers_of(provider_key_bytes(key), count, timeout=timeout)
+        providers: list[ProviderInfo] = []
+
+        def found(info: PeerInfo) -> None:
+            provider = self._remember(info)
+            providers.append(provider)
+            if on_found is not None:
+                on_found(provider)
+
+        await self._kad.find_providers_of(
+            provider_key_bytes(key), count, timeout=timeout, on_found=found
+        )
         self._timed("find_providers", started)
-        providers = [self._remember(info) for info in found]
         log.debug(
             "found %d providers of %s: %s",
             len(providers),

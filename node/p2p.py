@@ -1774,20 +1774,30 @@ class KadDht(KadDHT):
                 del store.providers[key]
 
     async def find_providers_of(
-        self, key: bytes, count: int = BUCKET_SIZE, *, timeout: float = math.inf
+        self,
+        key: bytes,
+        count: int = BUCKET_SIZE,
+        *,
+        timeout: float = math.inf,
+        on_found: Callable[[PeerInfo], None] | None = None,
     ) -> list[PeerInfo]:
         """Up to `count` other peers providing `key`, each once: the closest peers to the
         key are asked even when the local store knows some already (defect 14).
 
         After `timeout` seconds the lookup stops and returns the providers found so far
         (the local store's first): one slow peer must not cost the answers of the rest.
+        `on_found` is called with each provider as soon as it is found, so a caller can
+        use the first ones while the walk goes on (go-libp2p's FindProvidersAsync).
         """
         found: dict[ID, PeerInfo] = {}
 
         def add(providers: Iterable[PeerInfo]) -> None:
             for provider in providers:
-                if provider.peer_id != self.local_peer_id and len(found) < count:
-                    found.setdefault(provider.peer_id, provider)
+                new = provider.peer_id not in found
+                if provider.peer_id != self.local_peer_id and new and len(found) < count:
+                    found[provider.peer_id] = provider
+                    if on_found is not None:
+                        on_found(provider)
 
         add(self.provider_store.get_providers(key))
         with trio.move_on_after(timeout):

@@ -28,7 +28,7 @@ from libp2p.network.swarm import Swarm
 from libp2p.peer.envelope import seal_record
 from libp2p.peer.id import ID
 from libp2p.peer.peer_record import PeerRecord
-from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.records.utils import InvalidRecordType
@@ -856,6 +856,41 @@ async def test_find_providers_asks_the_network_and_lists_each_peer_once() -> Non
                 late[1].local_peer_id,
             }
             assert len(found) == 2
+
+
+async def test_each_provider_is_handed_over_while_the_lookup_still_waits_on_others() -> None:
+    """A find asks each holder the moment it is found: a peer that never answers must
+    hold back the end of the walk, not the providers already found."""
+    key = multihash("/dmm/model/x")
+    handed: list[str] = []
+    first = trio.Event()
+    returned = trio.Event()
+
+    def on_found(info: PeerInfo) -> None:
+        handed.append(str(info.peer_id))
+        first.set()
+
+    async def never_answer(stream: Stream) -> None:
+        await trio.sleep_forever()
+
+    with trio.fail_after(30):
+        async with kad_nodes(3) as (provider, holder, finder), hosts(1) as (stalled,):
+            stalled.set_stream_handler(KAD_PROTOCOL_ID, never_answer)
+            await kad_link(provider, holder)
+            assert await provider[1].provide_key(key)
+            await kad_link(finder, holder)
+            await finder[0].connect(stalled.listen_addrs[0])
+            async with trio.open_nursery() as nursery:
+
+                async def find() -> None:
+                    await finder[1].find_providers_of(key, on_found=on_found)
+                    returned.set()
+
+                nursery.start_soon(find)
+                await first.wait()
+                assert handed == [str(provider[1].local_peer_id)]
+                assert not returned.is_set()  # still waiting on the stalled peer
+                nursery.cancel_scope.cancel()
 
 
 async def test_get_newest_value_asks_the_network() -> None:
