@@ -14,11 +14,12 @@ import pytest
 import trio
 import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
-from libp2p.peer.id import ID
+from libp2p.network.config import ConnectionConfig
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from node import p2p
 from node.announce import Announcer
 from node.p2p import P2PHost, open_host
 from protocols import _cbor
@@ -98,16 +99,30 @@ async def gossiping(count: int, **kwargs: int) -> AsyncIterator[list[Node]]:
         yield nodes
 
 
-async def test_gossip_mesh_links_are_never_trimmed() -> None:
+async def test_gossip_mesh_links_are_never_trimmed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Defect 35: the host trims connections whose only streams are pubsub's; those to
-    our mesh peers carry the gossip, so the announcer tells the host to keep them."""
+    our mesh peers carry the gossip, so the announcer tells the host to keep them. With
+    room for one connection, a keeps both its mesh peers and drops the one that is not."""
+    monkeypatch.setattr(
+        p2p,
+        "CONNECTION_CONFIG",
+        ConnectionConfig(
+            max_connections_per_peer=1,
+            min_connections=1,
+            low_watermark=1,
+            high_watermark=2,
+            grace_period=0,
+        ),
+    )
     with trio.fail_after(20):
-        async with gossiping(3) as (a, b, c):
-            trimmer = a.host._swarm.connection_pruner
-            assert trimmer._trimmable(a.host._swarm.get_connections()[0], 0) is False
-            for peer in (b, c):
-                assert trimmer.keep(ID.from_base58(peer.peer_id))
-            assert not trimmer.keep(ID.from_base58(a.peer_id))
+        async with (
+            gossiping(3) as (a, b, c),
+            open_host(create_new_key_pair(), [LOOPBACK]) as outsider,
+        ):
+            await outsider.connect(a.host.listen_addrs[0])
+            await a.host.wait_connected(outsider.peer_id)
+            await a.host._swarm.connection_pruner.maybe_prune_connections()
+            assert sorted(a.host.connected_peers()) == sorted([b.peer_id, c.peer_id])
 
 
 async def test_announced_record_arrives_verified_at_the_others() -> None:
