@@ -25,6 +25,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from node.p2p import verified_records
+
 if TYPE_CHECKING:
     from node.daemon import Node
 
@@ -292,6 +294,17 @@ class _StateCollector(Collector):
         gossip.add_metric(["in", "dropped_bad"], stats.dropped_bad)
         gossip.add_metric(["in", "dropped_backlog"], stats.dropped_backlog)
         yield gossip
+
+        # Process-wide: every host in this process shares the one cache of checked records.
+        records = CounterMetricFamily(
+            "dmm_peer_record_checks",
+            "Signed peer records received (DHT, identify, gossip), by whether the signature"
+            " was checked or the record was known already (cache hit)",
+            labels=["outcome"],
+        )
+        records.add_metric(["verified"], verified_records.misses)
+        records.add_metric(["cached"], verified_records.hits)
+        yield records
 
         yield GaugeMetricFamily(
             "dmm_peers_connected",

@@ -17,11 +17,13 @@ from rich.console import Console
 
 from node.activity import Activity
 from node.metrics import MAX_PEER_LABELS, OTHER_PEER, PeerLabels
+from node.p2p import verified_records
 from node.status_view import render
 from node.testing import open_swarm
 from tests.conftest import MakeModel
 
 MiB = 1024 * 1024
+OUTCOMES = {"verified": "misses", "cached": "hits"}
 
 
 def _samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -37,6 +39,8 @@ async def _quiet(event: dict[str, Any]) -> None:
 
 
 async def test_metrics_count_what_a_pull_moved(tmp_path: Path, make_model: MakeModel) -> None:
+    # The cache of checked peer records is process-wide: count from here.
+    checked_before = {o: getattr(verified_records, a) for o, a in OUTCOMES.items()}
     async with open_swarm(tmp_path, 2) as (a, b):
         path = make_model("metered.gguf", size=6 * MiB)
         await trio.to_thread.run_sync(lambda: a.store.add_model("metered:v1", path))
@@ -66,6 +70,11 @@ async def test_metrics_count_what_a_pull_moved(tmp_path: Path, make_model: MakeM
             layer.size for layer in b.store.get("metered:v1").manifest.all_layers()
         )
         assert sb[("dmm_peers_connected", ())] >= 1
+        # Both nodes sent signed peer records (identify, DHT answers): each was checked
+        # once in this process, and each time it came again it was a cache hit.
+        checks = {o: sb[("dmm_peer_record_checks_total", (("outcome", o),))] for o in OUTCOMES}
+        assert checks["verified"] >= checked_before["verified"] + 2
+        assert checks["cached"] > checked_before["cached"]
         published = (("direction", "out"), ("outcome", "published"))
         assert sa[("dmm_gossip_messages_total", published)] == a.announcer.stats.published
         # The same figures, as (name, value, unit) tuples.
