@@ -365,7 +365,7 @@ async def _sample_finds(
 
 def _find_figures(samples: list[_Sample], clock: _Clock) -> list[Figure]:
     wrong = [s for s in samples if s.wrong]
-    for s in wrong[:5]:
+    for s in wrong:
         clock.say(f"find {s.glob!r} wrong: {s.wrong}")
     prefix = [s for s in samples if s.glob != NO_PREFIX]
     bare = [s for s in samples if s.glob == NO_PREFIX]
@@ -432,15 +432,19 @@ def _wrong(result: dict[str, Any], glob: str, holders: dict[str, Node]) -> str |
     each with its holder reachable, and nothing else."""
     expected = {name: holders[name].peer_id for name in FIND_MODELS if glob_matches(glob, name)}
     got = {m["name"]: m for m in result["models"]}
-    missing = sorted(
-        name
-        for name, peer in expected.items()
-        if peer not in got.get(name, {}).get("reachable", ())
-    )
+    # Not found (the lookup missed the holder) is a different failure from found but not
+    # answering in time (the ask ran out of time).
+    asked_silent = set(result["providers_silent"])
+    missing = [n for n, p in expected.items() if p not in got.get(n, {}).get("reachable", ())]
+    silent = sorted(n for n in missing if expected[n] in asked_silent)
+    unfound = sorted(n for n in missing if expected[n] not in asked_silent)
     extra = sorted(set(got) - set(expected))
-    if not missing and not extra:
+    if not unfound and not silent and not extra:
         return None
-    return f"missing {missing}, unexpected {extra}, after {result['seconds']} s"
+    return (
+        f"not found {unfound}, found but no answer {silent}, unexpected {extra},"
+        f" after {result['seconds']} s"
+    )
 
 
 # --------------------------------------------------------------------- propagation

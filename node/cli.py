@@ -626,6 +626,12 @@ def cmd_find(args: argparse.Namespace, config: Config) -> int:
         f"{len(result['models'])} match(es) for {args.glob!r} from "
         f"{result['providers_asked']} node(s) in {result['seconds']:.2f}s"
     )
+    silent = result.get("providers_silent", [])
+    if silent:
+        print(
+            f"{len(silent)} node(s) did not answer within {args.timeout:g}s, so matches may be"
+            " missing (try a longer --timeout): " + ", ".join(silent)
+        )
     return EXIT_OK
 
 

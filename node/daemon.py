@@ -526,11 +526,13 @@ class Node:
         Each provider is asked the moment the DHT walk finds it, while the walk goes on,
         so the first answers do not wait for the slowest step of the lookup. Peers that
         gossiped a matching version count as holders too and are asked as well; a holder
-        that does not answer in time stays listed but not reachable.
+        that does not answer in time stays listed but not reachable, and every peer asked
+        that did not answer is in ``providers_silent``.
         """
         started = time.monotonic()
         entries: dict[tuple[str, str], FindEntry] = {}
         asked: set[str] = set()
+        answered: set[str] = set()
         source = StoreCatalogSource(self.store, self.book)
 
         async def ask(peer: str) -> None:
@@ -543,6 +545,7 @@ class Node:
             except Exception as exc:  # one unreachable peer must not fail find
                 log.info("find %r: peer %s did not answer (%s)", glob, peer, exc)
                 return
+            answered.add(peer)
             for s in summaries:
                 entry = _entry(
                     entries, s.name, s.tag, s.version_id.hex(), s.manifest_digest, s.size, s.hlc
@@ -587,6 +590,8 @@ class Node:
             "glob": glob,
             "models": [e.to_json() for e in results],
             "providers_asked": len(asked),
+            # Their models, if any match, are missing from the list: say so.
+            "providers_silent": sorted(asked - answered),
             "seconds": round(time.monotonic() - started, 3),
         }
 

@@ -82,3 +82,24 @@ async def test_http_api_reports_the_node(tmp_path: Path, make_model: MakeModel) 
             missing = await client.get("/api/find")
             assert missing.status_code == 400 and "glob" in missing.json()["error"]
             assert (await client.get("/api/nope")).status_code == 404
+
+
+async def test_find_names_the_holders_that_did_not_answer(
+    tmp_path: Path, make_model: MakeModel
+) -> None:
+    """A holder gone since it provided is still named by the DHT: the find says it did
+    not answer rather than quietly listing less."""
+    async with open_chain(tmp_path, 2) as (a, b):
+        await _wait_connected(b, a.peer_id)
+        config = node_config(tmp_path, "gone", [a.host.listen_addrs[0]])
+        async with open_node(config) as gone:
+            await _wait_connected(gone, a.peer_id)
+            await _add(gone, make_model, "leaving:v1", size=1 * MiB)
+            with trio.fail_after(30):
+                while not (result := await b.find("leaving*", timeout=5))["models"]:
+                    await trio.sleep(0.2)
+            assert result["providers_silent"] == []
+        with trio.fail_after(30):
+            result = await b.find("leaving*", timeout=5)
+        assert result["providers_silent"] == [gone.peer_id]
+        assert all(gone.peer_id not in m["reachable"] for m in result["models"])
