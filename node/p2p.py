@@ -2112,6 +2112,9 @@ _ORDINARY = re.compile(
             r"Failed to store value at peer \S+: $",  # the peer refused the value
             # Our validator refused a peer's value (an ACL refusal is audited by the node).
             r"Failed to store value [0-9a-f]+ for key",
+            # A peer grafting us while we back off from it: answered with a PRUNE, as
+            # gossipsub says; a py-libp2p peer may try again every heartbeat, a warning each.
+            r"GRAFT: ignoring request from \S+, back off until",
         ]
     )
 )

@@ -748,6 +748,8 @@ def test_libp2p_logs_reach_dmm_logger(caplog: pytest.LogCaptureFixture) -> None:
     yamux_log = logging.getLogger("libp2p.stream_muxer.yamux.yamux")
     yamux_log.error("Error in handle_incoming for peer Qm: ClosedResourceError: ")
     yamux_log.error("Received GO_AWAY for peer Qm: Protocol error")
+    graft = "GRAFT: ignoring request from Qm, back off until 1796056666"
+    logging.getLogger("libp2p.pubsub.gossipsub").warning(graft)
     records = [(r.name, r.levelno, r.getMessage()) for r in caplog.records]
     assert records == [
         (
@@ -761,6 +763,7 @@ def test_libp2p_logs_reach_dmm_logger(caplog: pytest.LogCaptureFixture) -> None:
             logging.ERROR,
             "libp2p.stream_muxer.yamux.yamux: Received GO_AWAY for peer Qm: Protocol error",
         ),
+        ("dmm.p2p", logging.DEBUG, f"libp2p.pubsub.gossipsub: {graft}"),
     ]
     caplog.set_level(logging.WARNING, logger="dmm.p2p")
     configure_libp2p_logging()
