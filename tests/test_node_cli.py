@@ -103,10 +103,19 @@ def test_node_processes_serve_status_find_and_stop_cleanly(
     assert "already complete" in again.stdout
     blob = tmp_path / "second" / "models" / "blobs" / ("sha256-" + _model_blob(first.config))
     assert blob.read_bytes() == gguf.read_bytes()
+    stopped = {first.peer_id: first.stop()}
+    # The first holder is gone: a find still lists the model (from gossip, and from the
+    # second node if its news has come) and says who did not answer.
+    table = dmm(third.config, "find", "shared*", "--timeout", "5").stdout
+    assert "shared-model:v1" in table
+    assert "1 node(s) did not answer within 5s, so matches may be missing" in table
+    assert first.peer_id in table
+    for node in (second, third):
+        stopped[node.peer_id] = node.stop()
     for node in (first, second, third):
         # A clean exit on SIGTERM. How fast is machine-dependent (a loaded CI box took
         # 2.8 s), so it is printed; only a hang (30 s) fails.
-        print(f"node stopped in {node.stop():.2f} s")
+        print(f"node stopped in {stopped[node.peer_id]:.2f} s")
         assert node.proc.returncode == 0
 
 
