@@ -249,6 +249,10 @@ from libp2p.peer.peer_record import PeerRecord
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.peer.peerstore import PeerStore, PeerStoreError
 from libp2p.protocol_muxer.multiselect import DEFAULT_NEGOTIATE_TIMEOUT
+from libp2p.pubsub.floodsub import PROTOCOL_ID as FLOODSUB_PROTOCOL_ID
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIPSUB_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIPSUB_V11
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V12 as GOSSIPSUB_V12
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.rcmgr import new_resource_manager
@@ -590,9 +594,7 @@ class _NoAutoConnector(AutoConnector):
 
 # Defect 35: streams that do not make a connection busy. Pubsub keeps one open each
 # way on every connection for as long as it lasts.
-_PUBSUB_PROTOCOLS = frozenset(
-    {"/meshsub/1.0.0", "/meshsub/1.1.0", "/meshsub/1.2.0", "/floodsub/1.0.0"}
-)
+_PUBSUB_PROTOCOLS = frozenset({GOSSIPSUB_V10, GOSSIPSUB_V11, GOSSIPSUB_V12, FLOODSUB_PROTOCOL_ID})
 
 
 class _ConnectionTrimmer(ConnectionPruner):
